@@ -1,0 +1,1 @@
+"""Rebuilding dense weights from labels and centroid tables: numpy reference, torch and Triton paths."""

@@ -1,0 +1,270 @@
+"""The JSON header's shape (spec §4). `spec/header.schema.json` is generated from these models.
+
+This module is the only place the header's fields are defined. Validation here is structural
+(types, ranges, codec-specific rules); checks that need the file (offsets against its size,
+overlaps) live in `reader.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .constants import ALIGNMENT, CODEC_CLUSTERED, CODEC_LOSSLESS, MAX_K, MAX_NDIM, label_bits_for_k
+from .dtypes import CLUSTERABLE, DTYPES, itemsize
+
+__all__ = [
+    "Blob",
+    "ClusteredChunk",
+    "LosslessChunk",
+    "ClusteredEntry",
+    "LosslessEntry",
+    "AliasEntry",
+    "TensorEntry",
+    "PackSettings",
+    "Header",
+    "json_schema",
+    "rows_and_row_size",
+    "chunk_row_ranges",
+]
+
+DTypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
+_U64 = Annotated[int, Field(ge=0, lt=2**63)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class Blob(_Strict):
+    """A byte range of the file (spec §4.4): where it is, how it is encoded, its CRC-32."""
+
+    offset: _U64
+    length: _U64
+    encoding: Literal["raw", "zstd"]
+    crc32: Annotated[int, Field(ge=0, lt=2**32)]
+
+    @model_validator(mode="after")
+    def _aligned(self) -> "Blob":
+        if self.offset % ALIGNMENT:
+            raise ValueError(f"offset {self.offset} is not a multiple of {ALIGNMENT}")
+        return self
+
+
+class ClusteredChunk(_Strict):
+    """One row chunk of a clustered tensor (spec §5.2)."""
+
+    k: Annotated[int, Field(ge=1, le=MAX_K)]
+    label_bits: Literal[0, 1, 2, 4, 8]
+    centroids: Blob
+    labels: Blob
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusteredChunk":
+        want = label_bits_for_k(self.k)
+        if self.label_bits != want:
+            raise ValueError(f"label_bits is {self.label_bits}, but k={self.k} requires {want}")
+        if self.centroids.encoding != "raw" or self.centroids.length != 2 * self.k:
+            raise ValueError(f"centroids must be a raw blob of 2*k = {2 * self.k} bytes")
+        return self
+
+
+class LosslessChunk(_Strict):
+    """One row chunk of a lossless tensor: one blob per byte plane (spec §6.2)."""
+
+    planes: list[Blob]
+
+
+class _EntryBase(_Strict):
+    dtype: DTypeName
+    shape: Annotated[list[Annotated[int, Field(ge=0, lt=2**53)]], Field(max_length=MAX_NDIM)]
+
+
+class ClusteredEntry(_EntryBase):
+    """A tensor stored as per-row-chunk labels and fp16 centroid tables (spec §5)."""
+
+    codec: Literal["clustered"]
+    chunk_rows: Annotated[int, Field(ge=1, lt=2**53)]
+    chunks: list[ClusteredChunk]
+    #: Optional quality figures measured at encode time (spec §5.6); informative only.
+    quality: dict[str, float] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ClusteredEntry":
+        if self.dtype not in CLUSTERABLE:
+            raise ValueError(f"dtype {self.dtype} cannot be clustered (allowed: {sorted(CLUSTERABLE)})")
+        _check_chunk_count(self.shape, self.chunk_rows, len(self.chunks))
+        return self
+
+
+class LosslessEntry(_EntryBase):
+    """A tensor stored bit-exactly as zstd-coded byte planes (spec §6)."""
+
+    codec: Literal["lossless"]
+    transform: Literal["byte_planes", "float_planes"]
+    chunk_rows: Annotated[int, Field(ge=1, lt=2**53)]
+    chunks: list[LosslessChunk]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "LosslessEntry":
+        if self.transform == "float_planes" and self.dtype not in ("F64", "F32", "F16", "BF16"):
+            raise ValueError(f"transform float_planes is only for float dtypes, not {self.dtype}")
+        _check_chunk_count(self.shape, self.chunk_rows, len(self.chunks))
+        n = itemsize(self.dtype)
+        for i, c in enumerate(self.chunks):
+            if len(c.planes) != n:
+                raise ValueError(f"chunk {i} has {len(c.planes)} planes, dtype {self.dtype} needs {n}")
+        return self
+
+
+class AliasEntry(_EntryBase):
+    """A tensor that shares another tensor's data (tied weights, spec §4.5)."""
+
+    codec: Literal["alias"]
+    target: str
+
+
+TensorEntry = Annotated[Union[ClusteredEntry, LosslessEntry, AliasEntry], Field(discriminator="codec")]
+
+
+class PackSettings(_Strict):
+    """wcfmt's own record of how a file was packed (spec §4.3); informative, not needed to decode."""
+
+    k: int | None = None
+    chunk_rows: int | None = None
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+    level: int | None = None
+    method: str | None = None
+    extra: dict[str, str] = Field(default_factory=dict)
+
+
+class Header(_Strict):
+    """The whole JSON header (spec §4.1)."""
+
+    producer: Annotated[str, Field(max_length=256)]
+    metadata: dict[str, str] = Field(default_factory=dict)
+    settings: PackSettings | None = None
+    tensors: dict[str, TensorEntry]
+
+    @model_validator(mode="after")
+    def _aliases(self) -> "Header":
+        for name, e in self.tensors.items():
+            if not name:
+                raise ValueError("tensor names must not be empty")
+            if isinstance(e, AliasEntry):
+                t = self.tensors.get(e.target)
+                if t is None:
+                    raise ValueError(f"tensor {name!r}: alias target {e.target!r} is not in the file")
+                if isinstance(t, AliasEntry):
+                    raise ValueError(f"tensor {name!r}: alias target {e.target!r} is itself an alias")
+                if t.dtype != e.dtype or t.shape != e.shape:
+                    raise ValueError(f"tensor {name!r}: alias dtype/shape differ from target {e.target!r}")
+        return self
+
+
+def rows_and_row_size(shape: list[int] | tuple[int, ...]) -> tuple[int, int]:
+    """Return (rows, elements per row): rows are the first dimension (spec §4.6).
+
+    >>> rows_and_row_size([4096, 11008]), rows_and_row_size([7]), rows_and_row_size([])
+    ((4096, 11008), (7, 1), (1, 1))
+    """
+    if len(shape) == 0:
+        return 1, 1
+    return shape[0], math.prod(shape[1:])
+
+
+def chunk_row_ranges(rows: int, chunk_rows: int) -> list[tuple[int, int]]:
+    """Return the [start, stop) row range of every chunk (spec §4.6)."""
+    return [(a, min(a + chunk_rows, rows)) for a in range(0, rows, chunk_rows)]
+
+
+def _check_chunk_count(shape: list[int], chunk_rows: int, n_chunks: int) -> None:
+    rows, row_size = rows_and_row_size(shape)
+    want = 0 if rows * row_size == 0 else -(-rows // chunk_rows)
+    if n_chunks != want:
+        raise ValueError(f"{n_chunks} chunks, but shape {shape} with chunk_rows {chunk_rows} needs {want}")
+
+
+def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
+    """Parse and validate header bytes; raise ValueError naming the field on any problem.
+
+    ``lenient`` drops fields this version does not know (a file of a newer minor version,
+    spec §10); otherwise unknown fields are errors.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"header is not UTF-8 ({e})") from None
+    try:
+        data = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ValueError(f"header is not valid JSON ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"header JSON: {e}") from None
+    if lenient:
+        data = _drop_unknown(data, Header)
+    try:
+        return Header.model_validate(data)
+    except ValidationError as e:
+        raise ValueError(_describe(e)) from None
+
+
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a header")
+
+
+def _describe(e: ValidationError) -> str:
+    msgs = []
+    for err in e.errors()[:5]:
+        loc = ".".join(str(p) for p in err["loc"])
+        msgs.append(f"field {loc or '<root>'}: {err['msg']}")
+    more = e.error_count() - len(msgs)
+    return "; ".join(msgs) + (f"; and {more} more" if more > 0 else "")
+
+
+def _drop_unknown(data: Any, model: type[BaseModel]) -> Any:
+    """Remove keys a model does not declare, recursively through the header's known nesting."""
+    if not isinstance(data, dict):
+        return data
+    out = {k: v for k, v in data.items() if k in model.model_fields}
+    if model is Header and isinstance(out.get("tensors"), dict):
+        entries = {}
+        for name, e in out["tensors"].items():
+            cls = {CODEC_CLUSTERED: ClusteredEntry, CODEC_LOSSLESS: LosslessEntry, "alias": AliasEntry}.get(
+                e.get("codec") if isinstance(e, dict) else None
+            )
+            entries[name] = _drop_unknown(e, cls) if cls else e
+        out["tensors"] = entries
+    if model is Header and isinstance(out.get("settings"), dict):
+        out["settings"] = _drop_unknown(out["settings"], PackSettings)
+    for key, sub in (("chunks", None), ("centroids", Blob), ("labels", Blob)):
+        if key in out and sub is not None:
+            out[key] = _drop_unknown(out[key], sub)
+    if model in (ClusteredEntry, LosslessEntry) and isinstance(out.get("chunks"), list):
+        chunk_cls = ClusteredChunk if model is ClusteredEntry else LosslessChunk
+        out["chunks"] = [_drop_unknown(c, chunk_cls) for c in out["chunks"]]
+    if model is LosslessChunk and isinstance(out.get("planes"), list):
+        out["planes"] = [_drop_unknown(p, Blob) for p in out["planes"]]
+    return out
+
+
+def json_schema() -> dict[str, Any]:
+    """Return the JSON Schema of the header, as written to `spec/header.schema.json`."""
+    schema = Header.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://github.com/wcfmt/wcfmt/spec/header.schema.json"
+    return schema
+
