@@ -1,0 +1,40 @@
+"""wcfmt: the .wclust format for weight-clustered neural-network checkpoints, and its codec.
+
+>>> import wcfmt
+>>> wcfmt.FORMAT_VERSION
+'1.0'
+"""
+
+from ._version import __version__
+from .api import load_file, safe_open, save_file
+from .clustered_tensor import ClusteredTensor
+from .constants import VERSION_MAJOR, VERSION_MINOR
+from .errors import (
+    ChecksumError,
+    FormatError,
+    HeaderError,
+    OutputExistsError,
+    TensorNotFoundError,
+    UsageError,
+    VersionError,
+    WclustError,
+)
+
+FORMAT_VERSION = f"{VERSION_MAJOR}.{VERSION_MINOR}"
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "ClusteredTensor",
+    "save_file",
+    "load_file",
+    "safe_open",
+    "WclustError",
+    "FormatError",
+    "HeaderError",
+    "VersionError",
+    "ChecksumError",
+    "UsageError",
+    "TensorNotFoundError",
+    "OutputExistsError",
+]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Final
 
 #: First 8 bytes of every .wclust file (spec §3.1).
-MAGIC: Final[bytes] = b"WCLUST\x00\x01"
+MAGIC: Final[bytes] = b"\x89WCLUST\n"
 
 #: Format version written by this library (spec §10).
 VERSION_MAJOR: Final[int] = 1

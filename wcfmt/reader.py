@@ -1,0 +1,261 @@
+"""Reading .wclust files safely (spec §3, §9). The reader never imports the writer.
+
+Nothing in the file is trusted: the preamble is checked field by field, the header length is
+capped before it is read, the header's CRC is verified before it is parsed, every blob's range
+is checked against the file (and against every other blob) before anything is allocated, every
+blob's CRC is verified when it is read, and decoded data is checked (labels < K, padding zero,
+centroid tables finite and ascending).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+
+from .codecs import clustered, entropy, lossless
+from .constants import (
+    ALIGNMENT,
+    MAGIC,
+    MAX_HEADER_BYTES,
+    PREAMBLE_SIZE,
+    VERSION_MAJOR,
+    VERSION_MINOR,
+)
+from .dtypes import storage_dtype
+from .errors import ChecksumError, FormatError, HeaderError, TensorNotFoundError, VersionError, where
+from .schema import AliasEntry, Blob, ClusteredEntry, Header, LosslessEntry, chunk_row_ranges, parse_header, rows_and_row_size
+
+__all__ = ["WclustReader", "read_preamble"]
+
+_PREAMBLE = struct.Struct("<8sHHIQQI28s")
+
+
+def read_preamble(head: bytes, file_size: int, path: object) -> tuple[int, int, int, int, int]:
+    """Validate the 64-byte preamble; return (major, minor, header_offset, header_length, header_crc)."""
+    if file_size < PREAMBLE_SIZE or len(head) < PREAMBLE_SIZE:
+        raise FormatError(f"{path}: file is truncated ({file_size} bytes; a .wclust file has at least {PREAMBLE_SIZE})")
+    magic, major, minor, flags, h_off, h_len, h_crc, reserved = _PREAMBLE.unpack(head[:PREAMBLE_SIZE])
+    if magic != MAGIC:
+        raise FormatError(f"{path}: not a .wclust file (magic {magic!r}, expected {MAGIC!r})")
+    if major != VERSION_MAJOR:
+        raise VersionError(
+            f"{path}: format version {major}.{minor} is not supported (this reader implements {VERSION_MAJOR}.x)"
+        )
+    if flags != 0:
+        raise FormatError(f"{path}: preamble flags are 0x{flags:08x}; reserved bits must be zero")
+    if any(reserved):
+        raise FormatError(f"{path}: preamble reserved bytes are not zero")
+    if h_len > MAX_HEADER_BYTES:
+        raise FormatError(f"{path}: header length {h_len} exceeds the limit of {MAX_HEADER_BYTES} bytes")
+    if h_off < PREAMBLE_SIZE or h_off % ALIGNMENT:
+        raise FormatError(f"{path}: header offset {h_off} is not an aligned position after the preamble")
+    if h_off + h_len != file_size:
+        kind = "truncated" if h_off + h_len > file_size else "followed by trailing bytes"
+        raise FormatError(
+            f"{path}: file is {kind} (header ends at {h_off + h_len}, file size is {file_size})"
+        )
+    return major, minor, h_off, h_len, h_crc
+
+
+class WclustReader:
+    """Random access to the tensors of one .wclust file.
+
+    ``use_mmap=False`` reads blobs with positioned reads instead of mapping the file (faster on
+    network file systems, where mmap page faults are slow).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, use_mmap: bool = True) -> None:
+        self.path = Path(path)
+        try:
+            self._fh = open(self.path, "rb")
+        except FileNotFoundError:
+            raise FormatError(f"{self.path}: no such file") from None
+        except IsADirectoryError:
+            raise FormatError(f"{self.path}: is a folder, not a .wclust file") from None
+        try:
+            self.file_size = os.fstat(self._fh.fileno()).st_size
+            head = os.pread(self._fh.fileno(), PREAMBLE_SIZE, 0)
+            self.version, self._header_offset, self.header = self._read_header(head)
+            self._check_blobs()
+            self._map: mmap.mmap | None = None
+            if use_mmap and self.file_size:
+                self._map = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    # -- opening ----------------------------------------------------------------------------
+    def _read_header(self, head: bytes) -> tuple[tuple[int, int], int, Header]:
+        major, minor, h_off, h_len, h_crc = read_preamble(head, self.file_size, self.path)
+        raw = os.pread(self._fh.fileno(), h_len, h_off)
+        if len(raw) != h_len:
+            raise FormatError(f"{self.path}: file is truncated inside the header")
+        got = entropy.crc32(raw)
+        if got != h_crc:
+            raise ChecksumError(f"{self.path}: header checksum mismatch (expected 0x{h_crc:08x}, got 0x{got:08x})")
+        try:
+            header = parse_header(raw, lenient=minor > VERSION_MINOR)
+        except ValueError as e:
+            raise HeaderError(f"{self.path}: invalid header: {e}") from None
+        return (major, minor), h_off, header
+
+    def _check_blobs(self) -> None:
+        spans: list[tuple[int, int, str]] = []
+        for name, e in self.header.tensors.items():
+            for blob, what in _blobs_of(e):
+                end = blob.offset + blob.length
+                if blob.offset < PREAMBLE_SIZE or end > self._header_offset:
+                    raise FormatError(
+                        f"{where(self.path, name)}: {what} blob [{blob.offset}, {end}) lies outside the data "
+                        f"section [{PREAMBLE_SIZE}, {self._header_offset})"
+                    )
+                if blob.length:
+                    spans.append((blob.offset, end, f"tensor {name!r} {what}"))
+        spans.sort()
+        for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise FormatError(f"{self.path}: blobs overlap ({an} and {bn})")
+
+    # -- context / lifetime -------------------------------------------------------------------
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+        self._fh.close()
+
+    def __enter__(self) -> "WclustReader":
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- header views ----------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        return list(self.header.tensors)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self.header.metadata)
+
+    def entry(self, name: str) -> ClusteredEntry | LosslessEntry | AliasEntry:
+        try:
+            return self.header.tensors[name]
+        except KeyError:
+            raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}") from None
+
+    def resolve(self, name: str) -> tuple[str, ClusteredEntry | LosslessEntry]:
+        """Follow an alias to the entry that holds the data."""
+        e = self.entry(name)
+        if isinstance(e, AliasEntry):
+            return e.target, self.header.tensors[e.target]  # type: ignore[return-value]
+        return name, e
+
+    # -- blobs -------------------------------------------------------------------------------
+    def _stored(self, blob: Blob) -> bytes | memoryview:
+        if blob.length == 0:
+            return b""
+        if self._map is not None:
+            return memoryview(self._map)[blob.offset : blob.offset + blob.length]
+        data = os.pread(self._fh.fileno(), blob.length, blob.offset)
+        if len(data) != blob.length:
+            raise FormatError(f"{self.path}: short read at offset {blob.offset} (file changed while open?)")
+        return data
+
+    def _reader_for(self, name: str, chunk: int):  # type: ignore[no-untyped-def]
+        def read(blob: Blob, expected: int, what: str) -> bytes | memoryview:
+            stored = self._stored(blob)
+            got = entropy.crc32(stored)
+            if got != blob.crc32:
+                raise ChecksumError(
+                    f"{where(self.path, name, chunk)}: {what} checksum mismatch "
+                    f"(expected 0x{blob.crc32:08x}, got 0x{got:08x})"
+                )
+            try:
+                return entropy.decompress(stored, blob.encoding, expected)
+            except ValueError as e:
+                raise FormatError(f"{where(self.path, name, chunk)}: {what}: {e}") from None
+
+        return read
+
+    # -- decoding -------------------------------------------------------------------------------
+    def read_centroids(self, name: str, chunk: int) -> np.ndarray:
+        """Return the fp16 centroid table of one chunk of a clustered tensor (verified)."""
+        name, e = self.resolve(name)
+        e = self._clustered(name, e)
+        return self._checked(name, chunk, lambda: clustered.read_centroids(e, chunk, self._reader_for(name, chunk)))
+
+    def read_labels(self, name: str, chunk: int) -> np.ndarray:
+        """Return the packed label plane of one chunk (verified, decompressed, labels < K)."""
+        name, e = self.resolve(name)
+        e = self._clustered(name, e)
+        return self._checked(name, chunk, lambda: clustered.read_labels(e, chunk, self._reader_for(name, chunk)))
+
+    def decode_chunk(self, name: str, chunk: int) -> np.ndarray:
+        """Return one chunk's values (flat, storage form) through the canonical decoder."""
+        name, e = self.resolve(name)
+        codec = clustered if isinstance(e, ClusteredEntry) else lossless
+        return self._checked(name, chunk, lambda: codec.decode_chunk(e, chunk, self._reader_for(name, chunk)))
+
+    def decode_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Return rows [start, stop) (storage form, shape (stop-start, *shape[1:])), reading only their chunks."""
+        name, e = self.resolve(name)
+        rows, row_size = rows_and_row_size(e.shape)
+        start, stop = max(0, start), min(rows, stop)
+        out_shape = ([max(0, stop - start)] + list(e.shape[1:])) if e.shape else []
+        out = np.empty(max(0, stop - start) * row_size, dtype=storage_dtype(e.dtype))
+        if stop > start and row_size:
+            for i, (a, b) in enumerate(chunk_row_ranges(rows, e.chunk_rows)):
+                if b <= start or a >= stop:
+                    continue
+                values = self.decode_chunk(name, i)
+                lo, hi = max(a, start), min(b, stop)
+                out[(lo - start) * row_size : (hi - start) * row_size] = values[(lo - a) * row_size : (hi - a) * row_size]
+        return out.reshape(out_shape)
+
+    def decode(self, name: str) -> np.ndarray:
+        """Return the whole tensor in storage form (BF16 as uint16 bits), shaped."""
+        _, e = self.resolve(name)
+        rows, _ = rows_and_row_size(e.shape)
+        return self.decode_rows(name, 0, rows).reshape(e.shape)
+
+    def verify(self) -> None:
+        """Read and check every blob of every tensor; raise on the first problem."""
+        for name, e in self.header.tensors.items():
+            if isinstance(e, AliasEntry):
+                continue
+            for i in range(len(e.chunks)):
+                self.decode_chunk(name, i)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _clustered(self, name: str, e: ClusteredEntry | LosslessEntry) -> ClusteredEntry:
+        if not isinstance(e, ClusteredEntry):
+            from .errors import UsageError
+
+            raise UsageError(f"{where(self.path, name)}: tensor is stored {e.codec}, not clustered")
+        return e
+
+    def _checked(self, name: str, chunk: int, fn):  # type: ignore[no-untyped-def]
+        _, e = self.resolve(name)
+        if not 0 <= chunk < len(e.chunks):
+            raise FormatError(f"{where(self.path, name)}: chunk {chunk} does not exist ({len(e.chunks)} chunks)")
+        try:
+            return fn()
+        except (FormatError,):
+            raise
+        except ValueError as err:
+            raise FormatError(f"{where(self.path, name, chunk)}: {err}") from None
+
+
+def _blobs_of(e: object) -> list[tuple[Blob, str]]:
+    if isinstance(e, ClusteredEntry):
+        out = []
+        for i, c in enumerate(e.chunks):
+            out += [(c.centroids, f"chunk {i} centroids"), (c.labels, f"chunk {i} labels")]
+        return out
+    if isinstance(e, LosslessEntry):
+        return [(p, f"chunk {i} plane {j}") for i, c in enumerate(e.chunks) for j, p in enumerate(c.planes)]
+    return []
