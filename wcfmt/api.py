@@ -226,6 +226,8 @@ class safe_open:
 
     def load_all(self) -> dict[str, Any]:
         """Every tensor, dense; aliases share their target's tensor object."""
+        for name in self._reader.header.unsupported:
+            self._reader.entry(name)  # raises VersionError naming the codec
         out: dict[str, Any] = {}
         for name, e in self._reader.header.tensors.items():
             if isinstance(e, AliasEntry):

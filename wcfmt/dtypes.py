@@ -74,8 +74,9 @@ def to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def from_numpy(a: np.ndarray, name: str) -> torch.Tensor:
     """Return a torch tensor of dtype ``name`` sharing ``a``'s bytes (``a`` in storage form)."""
-    a = np.ascontiguousarray(a)
-    if not a.flags.writeable:
-        a = a.copy()
+    if a.size == 0:
+        return torch.empty(a.shape, dtype=torch_dtype(name))  # numpy may give zero strides here
+    if not (a.flags.c_contiguous and a.flags.writeable):
+        a = a.copy(order="C")  # not ascontiguousarray: it turns a 0-d array into 1-d
     bits = torch.from_numpy(a.view(_INT_NUMPY[itemsize(name)]))
     return bits.view(torch_dtype(name))

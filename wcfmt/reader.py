@@ -124,7 +124,10 @@ class WclustReader:
     # -- context / lifetime -------------------------------------------------------------------
     def close(self) -> None:
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # arrays still view the mapping (e.g. a traceback's frames); it closes when they go
             self._map = None
         self._fh.close()
 
@@ -136,7 +139,7 @@ class WclustReader:
 
     # -- header views ----------------------------------------------------------------------
     def keys(self) -> list[str]:
-        return list(self.header.tensors)
+        return list(self.header.tensors) + list(self.header.unsupported)
 
     def metadata(self) -> dict[str, str]:
         return dict(self.header.metadata)
@@ -145,6 +148,12 @@ class WclustReader:
         try:
             return self.header.tensors[name]
         except KeyError:
+            codec = self.header.unsupported.get(name)
+            if codec is not None:
+                raise VersionError(
+                    f"{where(self.path, name)}: codec {codec!r} (file version {self.version[0]}.{self.version[1]}) "
+                    f"is not implemented by this reader ({VERSION_MAJOR}.{VERSION_MINOR})"
+                ) from None
             raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}") from None
 
     def resolve(self, name: str) -> tuple[str, ClusteredEntry | LosslessEntry]:

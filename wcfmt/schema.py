@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from .constants import ALIGNMENT, CODEC_CLUSTERED, CODEC_LOSSLESS, MAX_K, MAX_NDIM, label_bits_for_k
 from .dtypes import CLUSTERABLE, DTYPES, itemsize
@@ -149,6 +149,13 @@ class Header(_Strict):
     metadata: dict[str, str] = Field(default_factory=dict)
     settings: PackSettings | None = None
     tensors: dict[str, TensorEntry]
+    #: Tensors of a newer-minor file whose codec this version does not implement: name -> codec.
+    _unsupported: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unsupported(self) -> dict[str, str]:
+        """Tensors skipped because their codec is unknown to this reader (spec §10)."""
+        return self._unsupported
 
     @model_validator(mode="after")
     def _aliases(self) -> "Header":
@@ -214,12 +221,30 @@ def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
         raise ValueError(f"header is not valid JSON ({e})") from None
     except ValueError as e:
         raise ValueError(f"header JSON: {e}") from None
+    unsupported: dict[str, str] = {}
     if lenient:
         data = _drop_unknown(data, Header)
+        unsupported = _split_unknown_codecs(data)
     try:
-        return Header.model_validate(data)
+        header = Header.model_validate(data)
     except ValidationError as e:
         raise ValueError(_describe(e)) from None
+    header._unsupported = unsupported
+    return header
+
+
+def _split_unknown_codecs(data: Any) -> dict[str, str]:
+    """Remove tensors whose codec (or alias target's codec) is unknown; return name -> codec."""
+    tensors = data.get("tensors") if isinstance(data, dict) else None
+    if not isinstance(tensors, dict):
+        return {}
+    known = (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias")
+    out = {n: str(e.get("codec")) for n, e in tensors.items() if isinstance(e, dict) and e.get("codec") not in known}
+    for n, e in tensors.items():
+        if isinstance(e, dict) and e.get("codec") == "alias" and e.get("target") in out:
+            out[n] = out[e["target"]]
+    data["tensors"] = {n: e for n, e in tensors.items() if n not in out}
+    return out
 
 
 def _no_constant(name: str) -> None:

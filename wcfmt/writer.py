@@ -76,6 +76,7 @@ class WclustWriter:
             raise UsageError(f"{self.path}: folder {self.path.parent} does not exist")
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         self._tmp = Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
         self._f = os.fdopen(fd, "wb")
         self._f.write(bytes(PREAMBLE_SIZE))
         self._pos = PREAMBLE_SIZE
@@ -188,6 +189,12 @@ class WclustWriter:
             self._f.close()
         finally:
             self._tmp.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _bounded_map(pool: ThreadPoolExecutor, jobs: list[Callable[[], list[tuple[bytes, str]]]], depth: int):  # type: ignore[no-untyped-def]
