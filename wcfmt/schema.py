@@ -27,6 +27,8 @@ __all__ = [
     "PackSettings",
     "Header",
     "json_schema",
+    "parse_header",
+    "serialize_header",
     "rows_and_row_size",
     "chunk_row_ranges",
 ]
@@ -284,6 +286,13 @@ def _drop_unknown(data: Any, model: type[BaseModel]) -> Any:
     if model is LosslessChunk and isinstance(out.get("planes"), list):
         out["planes"] = [_drop_unknown(p, Blob) for p in out["planes"]]
     return out
+
+
+def serialize_header(header: Header) -> bytes:
+    """Return the header's bytes as written on disk: compact UTF-8 JSON, fields in model order."""
+    return json.dumps(
+        header.model_dump(mode="json", exclude_none=True), separators=(",", ":"), ensure_ascii=False
+    ).encode("utf-8")
 
 
 def json_schema() -> dict[str, Any]:

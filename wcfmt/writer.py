@@ -8,7 +8,6 @@ renamed into place only when complete: a crash or error never leaves a partial o
 
 from __future__ import annotations
 
-import json
 import os
 import struct
 import tempfile
@@ -25,7 +24,7 @@ from .codecs import clustered, entropy, lossless
 from .constants import ALIGNMENT, MAGIC, PREAMBLE_SIZE, VERSION_MAJOR, VERSION_MINOR
 from .dtypes import DTYPES
 from .errors import OutputExistsError, UsageError, where
-from .schema import AliasEntry, Blob, Header, PackSettings
+from .schema import AliasEntry, Blob, Header, PackSettings, serialize_header
 
 __all__ = ["WclustWriter", "pack_preamble"]
 
@@ -164,9 +163,7 @@ class WclustWriter:
                 settings=self._settings,
                 tensors=self._entries,  # type: ignore[arg-type]
             )
-            raw = json.dumps(
-                header.model_dump(mode="json", exclude_none=True), separators=(",", ":"), ensure_ascii=False
-            ).encode("utf-8")
+            raw = serialize_header(header)
             pad = -self._pos % ALIGNMENT
             self._f.write(bytes(pad))
             offset = self._pos + pad
