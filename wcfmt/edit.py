@@ -72,7 +72,8 @@ def _as_f16(table: torch.Tensor | np.ndarray, path: Path, name: str, i: int) -> 
     arr = table.detach().cpu().numpy() if isinstance(table, torch.Tensor) else np.asarray(table)
     if arr.ndim != 1:
         raise UsageError(f"{where(path, name, i)}: a centroid table must be 1-D")
-    f16 = arr.astype(np.float16)
+    with np.errstate(over="ignore"):
+        f16 = arr.astype(np.float16)  # overflow -> inf, caught as not representable below
     if arr.dtype != np.float16 and not np.array_equal(f16.astype(arr.dtype), arr, equal_nan=True):
         raise UsageError(f"{where(path, name, i)}: centroids must be exactly representable in fp16")
     return f16
