@@ -61,8 +61,8 @@ def _identity(value: object) -> Any:
     if isinstance(value, ClusteredTensor):
         return ("ct", id(value))
     if isinstance(value, torch.Tensor):
-        if value.device.type == "meta" or value.numel() == 0:
-            return None
+        if value.device.type == "meta" or value.layout != torch.strided or value.numel() == 0:
+            return None  # not aliasable; the writer stores or rejects it
         return (
             "t",
             value.device,
@@ -119,12 +119,21 @@ class _Slice:
             r = range(rows)[first]
             if len(r) == 0:
                 return self._rows(0, 0)[(slice(None), *rest)]
-            lo, hi = min(r[0], r[-1]), max(r[0], r[-1]) + 1
-            block = self._rows(lo, hi)
-            if r.step > 0:
-                return block[(slice(r.start - lo, r.stop - lo, r.step), *rest)]
-            return block[(torch.tensor([i - lo for i in r]), *rest)]
+            if r.step == 1:
+                return self._rows(r.start, r.stop)[(slice(None), *rest)]
+            return self._pick(r)[(slice(None), *rest)]
         raise UsageError(f"{where(self._f._reader.path, self._name)}: get_slice supports int/slice on dimension 0")
+
+    def _pick(self, wanted: range) -> Any:
+        """Rows ``wanted`` in order (any step), decoding only the chunks that hold one of them."""
+        cr = self._entry.chunk_rows
+        spans: dict[int, list[int]] = {}
+        for i in wanted:
+            lo_hi = spans.setdefault(i // cr, [i, i + 1])
+            lo_hi[0], lo_hi[1] = min(lo_hi[0], i), max(lo_hi[1], i + 1)
+        blocks = {c: (lo, self._f._reader.decode_rows(self._name, lo, hi)) for c, (lo, hi) in spans.items()}
+        picked = np.stack([blocks[i // cr][1][i - blocks[i // cr][0]] for i in wanted])
+        return self._f._to_torch(picked, self._entry.dtype)
 
     def _rows(self, start: int, stop: int) -> torch.Tensor:
         arr = self._f._reader.decode_rows(self._name, start, stop)
@@ -207,6 +216,7 @@ class safe_open:
         if not isinstance(e, ClusteredEntry):
             raise UsageError(f"{where(self._reader.path, name)}: tensor is stored {e.codec}, not clustered")
         rows, row_size = rows_and_row_size(e.shape)
+        self._reader.check_sizes(target, range(len(e.chunks)))  # before allocating for the labels
         labels = np.empty(rows * row_size, np.uint8)
         tables = []
         from .codecs.bitpack import unpack_labels

@@ -18,8 +18,10 @@ from types import TracebackType
 import numpy as np
 
 from .codecs import clustered, entropy, lossless
+from .codecs.bitpack import packed_size
 from .constants import (
     ALIGNMENT,
+    ENCODING_RAW,
     MAGIC,
     MAX_HEADER_BYTES,
     PREAMBLE_SIZE,
@@ -148,10 +150,10 @@ class WclustReader:
         try:
             return self.header.tensors[name]
         except KeyError:
-            codec = self.header.unsupported.get(name)
-            if codec is not None:
+            needs = self.header.unsupported.get(name)
+            if needs is not None:
                 raise VersionError(
-                    f"{where(self.path, name)}: codec {codec!r} (file version {self.version[0]}.{self.version[1]}) "
+                    f"{where(self.path, name)}: {needs} (file version {self.version[0]}.{self.version[1]}) "
                     f"is not implemented by this reader ({VERSION_MAJOR}.{VERSION_MINOR})"
                 ) from None
             raise TensorNotFoundError(f"{self.path}: no tensor named {name!r}") from None
@@ -215,6 +217,9 @@ class WclustReader:
         rows, row_size = rows_and_row_size(e.shape)
         start, stop = max(0, start), min(rows, stop)
         out_shape = ([max(0, stop - start)] + list(e.shape[1:])) if e.shape else []
+        if stop > start and row_size:
+            ranges = chunk_row_ranges(rows, e.chunk_rows)
+            self.check_sizes(name, [i for i, (a, b) in enumerate(ranges) if a < stop and b > start])
         out = np.empty(max(0, stop - start) * row_size, dtype=storage_dtype(e.dtype))
         if stop > start and row_size:
             for i, (a, b) in enumerate(chunk_row_ranges(rows, e.chunk_rows)):
@@ -224,6 +229,39 @@ class WclustReader:
                 lo, hi = max(a, start), min(b, stop)
                 out[(lo - start) * row_size : (hi - start) * row_size] = values[(lo - a) * row_size : (hi - a) * row_size]
         return out.reshape(out_shape)
+
+    def check_sizes(self, name: str, chunks: list[int] | range) -> None:
+        """Check that the blobs of these chunks declare the decoded sizes the header implies,
+        before anything is allocated for them: a header shape that its blobs cannot fill is a
+        FormatError (or a ChecksumError, if the blob is also damaged), not a huge allocation."""
+        name, e = self.resolve(name)
+        rows, row_size = rows_and_row_size(e.shape)
+        ranges = chunk_row_ranges(rows, e.chunk_rows)
+        for i in chunks:
+            if not 0 <= i < len(e.chunks):
+                raise FormatError(f"{where(self.path, name)}: chunk {i} does not exist ({len(e.chunks)} chunks)")
+            count = (ranges[i][1] - ranges[i][0]) * row_size
+            if isinstance(e, ClusteredEntry):
+                c = e.chunks[i]
+                sizes = [(c.centroids, 2 * c.k, "centroids"), (c.labels, packed_size(count, c.label_bits), "labels")]
+            else:
+                sizes = [(p, count, f"plane {j}") for j, p in enumerate(e.chunks[i].planes)]
+            for blob, expected, what in sizes:
+                if self._declared_size(blob) != expected:
+                    read = self._reader_for(name, i)
+                    self._checked(name, i, lambda: read(blob, expected, what))  # CRC first, then size
+                    raise FormatError(f"{where(self.path, name, i)}: {what} does not hold {expected} bytes")
+
+    def _declared_size(self, blob: Blob) -> int | None:
+        """A blob's decoded size from its length (raw) or its zstd frame header (at most 18 bytes)."""
+        if blob.encoding == ENCODING_RAW:
+            return blob.length
+        n = min(blob.length, 18)
+        if self._map is not None:
+            head: bytes | memoryview = memoryview(self._map)[blob.offset : blob.offset + n]
+        else:
+            head = os.pread(self._fh.fileno(), n, blob.offset)
+        return entropy.declared_size(head, blob.encoding)
 
     def decode(self, name: str) -> np.ndarray:
         """Return the whole tensor in storage form (BF16 as uint16 bits), shaped."""

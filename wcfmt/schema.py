@@ -13,7 +13,16 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
-from .constants import ALIGNMENT, CODEC_CLUSTERED, CODEC_LOSSLESS, MAX_K, MAX_NDIM, label_bits_for_k
+from .constants import (
+    ALIGNMENT,
+    CODEC_CLUSTERED,
+    CODEC_LOSSLESS,
+    ENCODING_RAW,
+    ENCODING_ZSTD,
+    MAX_K,
+    MAX_NDIM,
+    label_bits_for_k,
+)
 from .dtypes import CLUSTERABLE, DTYPES, itemsize
 
 __all__ = [
@@ -151,7 +160,8 @@ class Header(_Strict):
     metadata: dict[str, str] = Field(default_factory=dict)
     settings: PackSettings | None = None
     tensors: dict[str, TensorEntry]
-    #: Tensors of a newer-minor file whose codec this version does not implement: name -> codec.
+    #: Tensors of a newer-minor file that need what this version does not implement:
+    #: name -> what, e.g. "codec 'vq'" or "encoding 'brotli'".
     _unsupported: dict[str, str] = PrivateAttr(default_factory=dict)
 
     @property
@@ -236,17 +246,40 @@ def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
 
 
 def _split_unknown_codecs(data: Any) -> dict[str, str]:
-    """Remove tensors whose codec (or alias target's codec) is unknown; return name -> codec."""
+    """Remove tensors that need something this version does not know (a codec, dtype, transform
+    or encoding value, spec §10), and aliases of them; return name -> what, e.g. "codec 'vq'"."""
     tensors = data.get("tensors") if isinstance(data, dict) else None
     if not isinstance(tensors, dict):
         return {}
-    known = (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias")
-    out = {n: str(e.get("codec")) for n, e in tensors.items() if isinstance(e, dict) and e.get("codec") not in known}
+    out = {n: w for n, e in tensors.items() if isinstance(e, dict) and (w := _unknown_value(e)) is not None}
     for n, e in tensors.items():
         if isinstance(e, dict) and e.get("codec") == "alias" and e.get("target") in out:
             out[n] = out[e["target"]]
     data["tensors"] = {n: e for n, e in tensors.items() if n not in out}
     return out
+
+
+def _unknown_value(e: dict[str, Any]) -> str | None:
+    """The first enumerated value of an entry that this version does not know, or None.
+    Only strings count: a value of the wrong type stays a schema error."""
+    codec = e.get("codec")
+    if codec not in (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias"):
+        return f"codec {codec!r}"
+    if isinstance(e.get("dtype"), str) and e["dtype"] not in DTYPES:
+        return f"dtype {e['dtype']!r}"
+    transform = e.get("transform") if codec == CODEC_LOSSLESS else None
+    if isinstance(transform, str) and transform not in ("byte_planes", "float_planes"):
+        return f"transform {transform!r}"
+    chunks = e.get("chunks") if isinstance(e.get("chunks"), list) else []
+    for c in chunks:
+        if not isinstance(c, dict):
+            continue
+        planes = c.get("planes") if isinstance(c.get("planes"), list) else []
+        for b in [*planes, c.get("centroids"), c.get("labels")]:
+            enc = b.get("encoding") if isinstance(b, dict) else None
+            if isinstance(enc, str) and enc not in (ENCODING_RAW, ENCODING_ZSTD):
+                return f"encoding {enc!r}"
+    return None
 
 
 def _no_constant(name: str) -> None:

@@ -15,7 +15,7 @@ import zstandard
 
 from ..constants import ENCODING_RAW, ENCODING_ZSTD
 
-__all__ = ["compress", "decompress", "crc32"]
+__all__ = ["compress", "decompress", "declared_size", "crc32"]
 
 _local = threading.local()
 
@@ -84,6 +84,19 @@ def decompress(stored: bytes | memoryview, encoding: str, expected_size: int) ->
     if not obj.eof or obj.unused_data or len(out) != expected_size:
         raise ValueError("zstd frame is incomplete or followed by trailing bytes")
     return out
+
+
+def declared_size(stored: bytes | memoryview, encoding: str) -> int | None:
+    """The decoded size a stored blob declares (raw: its length; zstd: its frame header's), or
+    None when it declares none. Reads only the frame header, so a reader can check every size
+    before it allocates anything (spec §9.1)."""
+    if encoding == ENCODING_RAW:
+        return len(stored)
+    try:
+        size = zstandard.frame_content_size(stored)
+    except zstandard.ZstdError:
+        return None
+    return size if size >= 0 else None
 
 
 def crc32(data: bytes | memoryview) -> int:

@@ -1,0 +1,109 @@
+"""The public names of `wcfmt` (python-zstandard's test_module_attributes, in spirit).
+
+Adding a public name means adding it to `PUBLIC` below, on purpose; removing one is a breaking
+change that the CHANGELOG must state.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+import wcfmt
+
+#: Exactly `wcfmt.__all__`, in any order.
+PUBLIC = [
+    "__version__",
+    "FORMAT_VERSION",
+    "ClusteredTensor",
+    "save_file",
+    "load_file",
+    "safe_open",
+    "WclustError",
+    "FormatError",
+    "HeaderError",
+    "VersionError",
+    "ChecksumError",
+    "UsageError",
+    "TensorNotFoundError",
+    "OutputExistsError",
+]
+
+#: error class -> the built-in it must also be, so callers may catch either.
+ERROR_BUILTINS = {
+    "WclustError": Exception,
+    "FormatError": ValueError,
+    "HeaderError": ValueError,
+    "VersionError": ValueError,
+    "ChecksumError": ValueError,
+    "UsageError": ValueError,
+    "TensorNotFoundError": KeyError,
+    "OutputExistsError": FileExistsError,
+}
+
+#: error class -> its wcfmt parent.
+ERROR_PARENTS = {
+    "FormatError": "WclustError",
+    "HeaderError": "FormatError",
+    "VersionError": "FormatError",
+    "ChecksumError": "FormatError",
+    "UsageError": "WclustError",
+    "TensorNotFoundError": "WclustError",
+    "OutputExistsError": "WclustError",
+}
+
+
+def test_all_is_pinned() -> None:
+    assert sorted(wcfmt.__all__) == sorted(PUBLIC)
+    assert len(set(wcfmt.__all__)) == len(wcfmt.__all__)
+
+
+@pytest.mark.parametrize("name", PUBLIC)
+def test_public_name_importable(name: str) -> None:
+    ns: dict[str, object] = {}
+    exec(f"from wcfmt import {name}", ns)
+    assert ns[name] is getattr(wcfmt, name)
+
+
+#: Public-looking module attributes deliberately left out of __all__ (imported for FORMAT_VERSION).
+NOT_EXPORTED = {"VERSION_MAJOR", "VERSION_MINOR"}
+
+
+def test_no_public_attribute_outside_all() -> None:
+    stray = {
+        n
+        for n, v in vars(wcfmt).items()
+        if not n.startswith("_") and n not in wcfmt.__all__ and not isinstance(v, types.ModuleType)
+    }
+    assert stray == NOT_EXPORTED
+
+
+def test_versions() -> None:
+    from wcfmt.constants import VERSION_MAJOR, VERSION_MINOR
+
+    assert wcfmt.FORMAT_VERSION == f"{VERSION_MAJOR}.{VERSION_MINOR}" == "1.0"
+    parts = wcfmt.__version__.split(".")
+    assert len(parts) >= 2 and all(p.isdigit() for p in parts[:2])
+
+
+def test_error_tables_cover_every_public_error() -> None:
+    errors = {n for n in PUBLIC if isinstance(getattr(wcfmt, n), type) and issubclass(getattr(wcfmt, n), BaseException)}
+    assert errors == set(ERROR_BUILTINS)
+    assert set(ERROR_PARENTS) == errors - {"WclustError"}
+
+
+@pytest.mark.parametrize("name", sorted(ERROR_BUILTINS))
+def test_error_inherits_builtin_and_parent(name: str) -> None:
+    cls = getattr(wcfmt, name)
+    assert issubclass(cls, wcfmt.WclustError)
+    assert issubclass(cls, ERROR_BUILTINS[name])
+    if name in ERROR_PARENTS:
+        assert issubclass(cls, getattr(wcfmt, ERROR_PARENTS[name]))
+    with pytest.raises(ERROR_BUILTINS[name]):
+        raise cls("x.wclust: boom")
+
+
+def test_tensor_not_found_message_is_not_quoted() -> None:
+    assert str(wcfmt.TensorNotFoundError("m.wclust: no tensor named 'x'")) == "m.wclust: no tensor named 'x'"
+    assert str(wcfmt.TensorNotFoundError()) == ""

@@ -1,0 +1,360 @@
+"""The header models and `parse_header` (spec §3.3, §4, §5.2, §6.1, §10)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from wcfmt.constants import MAX_K, MAX_NDIM, label_bits_for_k
+from wcfmt.dtypes import DTYPES
+from wcfmt.schema import (
+    Blob,
+    ClusteredChunk,
+    Header,
+    chunk_row_ranges,
+    json_schema,
+    parse_header,
+    rows_and_row_size,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _blob(offset: int = 64, length: int = 0, encoding: str = "raw", crc32: int = 0) -> dict[str, Any]:
+    return {"offset": offset, "length": length, "encoding": encoding, "crc32": crc32}
+
+
+def _clustered(shape: list[int], chunk_rows: int, ks: list[int], dtype: str = "BF16") -> dict[str, Any]:
+    return {
+        "dtype": dtype,
+        "shape": shape,
+        "codec": "clustered",
+        "chunk_rows": chunk_rows,
+        "chunks": [
+            {"k": k, "label_bits": label_bits_for_k(k), "centroids": _blob(64, 2 * k), "labels": _blob(128)}
+            for k in ks
+        ],
+    }
+
+
+def _lossless(shape: list[int], chunk_rows: int, n_chunks: int, dtype: str = "F32") -> dict[str, Any]:
+    planes = DTYPES[dtype][0]
+    return {
+        "dtype": dtype,
+        "shape": shape,
+        "codec": "lossless",
+        "transform": "float_planes" if dtype in ("F64", "F32", "F16", "BF16") else "byte_planes",
+        "chunk_rows": chunk_rows,
+        "chunks": [{"planes": [_blob() for _ in range(planes)]} for _ in range(n_chunks)],
+    }
+
+
+def _header(**tensors: dict[str, Any]) -> dict[str, Any]:
+    return {"producer": "test", "metadata": {"a": "b"}, "tensors": tensors}
+
+
+def _good() -> dict[str, Any]:
+    return _header(
+        w=_clustered([5, 4], 2, [1, 3, 256]),
+        b=_lossless([3, 2], 2, 2),
+        tied=_alias("w", [5, 4], "BF16"),
+    )
+
+
+def _alias(target: str, shape: list[int], dtype: str) -> dict[str, Any]:
+    return {"dtype": dtype, "shape": shape, "codec": "alias", "target": target}
+
+
+def _parse(h: dict[str, Any] | str | bytes, lenient: bool = False) -> Header:
+    raw = h if isinstance(h, bytes) else (h if isinstance(h, str) else json.dumps(h)).encode()
+    return parse_header(raw, lenient=lenient)
+
+
+# -- helpers of §4.6 --------------------------------------------------------------------------
+def test_rows_and_row_size() -> None:
+    assert rows_and_row_size([]) == (1, 1)
+    assert rows_and_row_size([7]) == (7, 1)
+    assert rows_and_row_size([3, 4, 5]) == (3, 20)
+    assert rows_and_row_size([0, 4]) == (0, 4)
+    assert rows_and_row_size([4, 0]) == (4, 0)
+
+
+@pytest.mark.parametrize(
+    ("rows", "chunk_rows", "want"),
+    [(0, 3, []), (1, 3, [(0, 1)]), (6, 3, [(0, 3), (3, 6)]), (7, 3, [(0, 3), (3, 6), (6, 7)]), (2, 1, [(0, 1), (1, 2)])],
+)
+def test_chunk_row_ranges(rows: int, chunk_rows: int, want: list[tuple[int, int]]) -> None:
+    assert chunk_row_ranges(rows, chunk_rows) == want
+
+
+@pytest.mark.parametrize(
+    ("k", "bits"), [(1, 0), (2, 1), (3, 2), (4, 2), (5, 4), (16, 4), (17, 8), (64, 8), (255, 8), (256, 8)]
+)
+def test_label_bits_for_k(k: int, bits: int) -> None:
+    assert label_bits_for_k(k) == bits
+
+
+@pytest.mark.parametrize("k", [0, -1, MAX_K + 1])
+def test_label_bits_for_k_rejects_out_of_range(k: int) -> None:
+    with pytest.raises(ValueError):
+        label_bits_for_k(k)
+
+
+# -- valid headers -----------------------------------------------------------------------------
+def test_good_header_parses() -> None:
+    h = _parse(_good())
+    assert list(h.tensors) == ["w", "b", "tied"]
+    assert h.metadata == {"a": "b"}
+    assert h.tensors["w"].chunks[2].k == 256
+    assert h.unsupported == {}
+
+
+def test_empty_tensor_has_no_chunks() -> None:
+    _parse(_header(e=_lossless([0, 5], 4, 0), f=_clustered([3, 0], 2, [])))
+    with pytest.raises(ValueError, match="chunks"):
+        _parse(_header(e=_lossless([0, 5], 4, 1)))
+
+
+def test_scalar_is_one_chunk() -> None:
+    _parse(_header(s=_lossless([], 1, 1)))
+    with pytest.raises(ValueError, match="needs 1"):
+        _parse(_header(s=_lossless([], 1, 0)))
+
+
+def test_model_round_trips_through_json() -> None:
+    h = _parse(_good())
+    again = _parse(h.model_dump_json(exclude_none=True))
+    assert again == h
+
+
+def test_generated_schema_matches_spec_file() -> None:
+    """spec/header.schema.json is generated from the models (STYLE item 2); regenerate it
+    with tools/make_vectors.py when the models change."""
+    on_disk = json.loads((ROOT / "spec" / "header.schema.json").read_text())
+    assert on_disk == json_schema()
+
+
+# -- structural rejections -------------------------------------------------------------------
+def _mutated(path: str, value: Any) -> dict[str, Any]:
+    """`_good()` with one field (dotted path, list indices as numbers) set to ``value``;
+    ``value`` of `...` deletes the field."""
+    h = copy.deepcopy(_good())
+    node: Any = h
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for k in keys[:-1]:
+        node = node[k]
+    if value is ...:
+        del node[keys[-1]]
+    else:
+        node[keys[-1]] = value
+    return h
+
+
+BAD_FIELDS = [
+    ("producer", ...),
+    ("producer", "x" * 257),
+    ("producer", 3),
+    ("tensors", ...),
+    ("tensors", []),
+    ("metadata", {"a": 1}),
+    ("metadata", ["a"]),
+    ("extra_top_level", 1),
+    ("tensors.w.dtype", "F128"),
+    ("tensors.w.dtype", "I32"),  # not clusterable
+    ("tensors.w.shape", [5, -4]),
+    ("tensors.w.shape", [5, 4.0]),
+    ("tensors.w.shape", [5, "4"]),
+    ("tensors.w.shape", [5, 4, 1, 1, 1, 1, 1, 1, 1]),  # MAX_NDIM + 1
+    ("tensors.w.shape", [5, 2**53]),
+    ("tensors.w.codec", "quantized"),
+    ("tensors.w.chunk_rows", 0),
+    ("tensors.w.chunk_rows", True),
+    ("tensors.w.chunk_rows", 1),  # 5 chunks needed, 3 given
+    ("tensors.w.chunk_rows", 3),  # 2 chunks needed, 3 given
+    ("tensors.w.chunks.0.k", 0),
+    ("tensors.w.chunks.0.k", 257),
+    ("tensors.w.chunks.0.k", "1"),
+    ("tensors.w.chunks.1.label_bits", 4),  # k=3 needs 2
+    ("tensors.w.chunks.1.label_bits", 3),
+    ("tensors.w.chunks.2.label_bits", 4),  # k=256 needs 8
+    ("tensors.w.chunks.1.centroids.length", 4),  # k=3 needs 6
+    ("tensors.w.chunks.1.centroids.encoding", "zstd"),
+    ("tensors.w.chunks.1.labels.encoding", "gzip"),
+    ("tensors.w.chunks.1.labels.offset", 65),  # unaligned
+    ("tensors.w.chunks.1.labels.offset", -64),
+    ("tensors.w.chunks.1.labels.offset", 2**63),
+    ("tensors.w.chunks.1.labels.length", -1),
+    ("tensors.w.chunks.1.labels.crc32", 2**32),
+    ("tensors.w.chunks.1.labels.crc32", -1),
+    ("tensors.w.chunks.1.labels.crc32", 1.0),
+    ("tensors.w.chunks.1.labels.unknown", 1),
+    ("tensors.w.chunks.1.extra", 1),
+    ("tensors.w.extra", 1),
+    ("tensors.w.quality", {"sqnr": "high"}),
+    ("tensors.b.transform", "byte_planes"),  # float dtype with wrong transform is allowed...
+    ("tensors.b.transform", "delta"),
+    ("tensors.b.chunks.0.planes", []),  # F32 needs 4 planes
+    ("tensors.b.chunks", []),
+    ("tensors.tied.target", "missing"),
+    ("tensors.tied.target", "tied"),  # alias of an alias (itself)
+    ("tensors.tied.shape", [4, 5]),
+    ("tensors.tied.dtype", "F16"),
+    ("settings", {"k": 16, "bogus": 1}),
+    ("settings", {"extra": {"a": 1}}),
+]
+# byte_planes on a float dtype is a legal (if poor) choice; only float_planes on ints is wrong.
+BAD_FIELDS.remove(("tensors.b.transform", "byte_planes"))
+
+
+@pytest.mark.parametrize(("path", "value"), BAD_FIELDS, ids=[f"{p}={v!r}"[:60] for p, v in BAD_FIELDS])
+def test_bad_field_rejected_naming_it(path: str, value: Any) -> None:
+    with pytest.raises(ValueError) as info:
+        _parse(_mutated(path, value))
+    msg = str(info.value)
+    assert msg  # every rejection says something
+    assert "field" in msg or "alias" in msg or "tensor" in msg
+
+
+def test_message_names_the_field_path() -> None:
+    with pytest.raises(ValueError, match=r"tensors\.w\.clustered\.chunks\.1"):
+        _parse(_mutated("tensors.w.chunks.1.label_bits", 4))
+
+
+def test_float_planes_only_for_float_dtypes() -> None:
+    bad = _lossless([4], 4, 1, dtype="I32")
+    bad["transform"] = "float_planes"
+    with pytest.raises(ValueError, match="float_planes"):
+        _parse(_header(i=bad))
+    ok = _lossless([4], 4, 1, dtype="F16")
+    ok["transform"] = "byte_planes"
+    _parse(_header(f=ok))
+
+
+def test_every_dtype_is_accepted_lossless() -> None:
+    _parse(_header(**{n: _lossless([2], 2, 1, dtype=n) for n in DTYPES}))
+
+
+@pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
+def test_clusterable_dtypes(dtype: str) -> None:
+    _parse(_header(w=_clustered([2], 2, [4], dtype=dtype)))
+
+
+def test_empty_tensor_name_rejected() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        _parse(_header(**{"": _lossless([1], 1, 1)}))
+
+
+def test_max_ndim_accepted() -> None:
+    _parse(_header(t=_lossless([1] * MAX_NDIM, 1, 1)))
+
+
+def test_blob_offset_must_be_aligned() -> None:
+    Blob(offset=128, length=3, encoding="raw", crc32=0)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        Blob(offset=96, length=3, encoding="raw", crc32=0)
+
+
+def test_models_are_frozen() -> None:
+    c = ClusteredChunk(
+        k=2, label_bits=1, centroids=Blob(offset=64, length=4, encoding="raw", crc32=0), labels=Blob(**_blob())
+    )
+    with pytest.raises(ValueError):
+        c.k = 3  # type: ignore[misc]
+
+
+# -- the JSON layer (spec §3.3) ---------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        (b"\xff\xfe{}", "UTF-8"),
+        (b'{"producer": "t", "tensors": {}', "JSON"),
+        (b"", "JSON"),
+        (b"[]", "field"),
+        (b'"str"', "field"),
+        (b'{"producer": "t", "producer": "u", "tensors": {}}', "duplicate"),
+        (b'{"producer": "t", "tensors": {}, "metadata": {"a": "1", "a": "2"}}', "duplicate"),
+        (b'{"producer": "t", "tensors": {}, "settings": {"level": NaN}}', "NaN"),
+        (b'{"producer": "t", "tensors": {}, "settings": {"level": Infinity}}', "Infinity"),
+        (b'{"producer": "t", "tensors": {}, "settings": {"level": -Infinity}}', "Infinity"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON"),
+    ],
+)
+def test_bad_json_rejected(raw: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        parse_header(raw)
+
+
+def test_non_ascii_text_is_fine() -> None:
+    h = parse_header(json.dumps({"producer": "t", "metadata": {"ключ": "值"}, "tensors": {}}, ensure_ascii=False).encode())
+    assert h.metadata == {"ключ": "值"}
+
+
+# -- forward compatibility (spec §10) -----------------------------------------------------------
+UNKNOWN_FIELDS = ["new_top", "tensors.w.new_entry_field", "tensors.w.chunks.0.new_chunk_field",
+                  "tensors.w.chunks.0.labels.new_blob_field", "tensors.b.chunks.1.planes.2.new_blob_field",
+                  "tensors.tied.new_alias_field", "settings.new_setting"]
+
+
+@pytest.mark.parametrize("path", UNKNOWN_FIELDS)
+def test_unknown_field_strict_vs_lenient(path: str) -> None:
+    h = _good()
+    h["settings"] = {"k": 16}
+    h = copy.deepcopy(h)
+    node: Any = h
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = {"anything": [1, 2]}
+    with pytest.raises(ValueError, match="xtra|not permitted|forbid"):
+        _parse(h)
+    got = _parse(h, lenient=True)
+    assert got.tensors["w"].chunks[2].k == 256 and got.settings is not None and got.settings.k == 16
+
+
+def test_lenient_still_validates_known_fields() -> None:
+    h = _mutated("tensors.w.chunks.1.label_bits", 4)
+    h["new_top"] = 1
+    with pytest.raises(ValueError, match="label_bits"):
+        _parse(h, lenient=True)
+
+
+def test_unknown_codec_strict_vs_lenient() -> None:
+    h = _good()
+    h["tensors"]["q"] = {"dtype": "BF16", "shape": [2], "codec": "vq", "codebook": 3}
+    h["tensors"]["q_tied"] = _alias("q", [2], "BF16")
+    with pytest.raises(ValueError):
+        _parse(h)
+    got = _parse(h, lenient=True)
+    assert got.unsupported == {"q": "codec 'vq'", "q_tied": "codec 'vq'"}
+    assert set(got.tensors) == {"w", "b", "tied"}
+
+
+NEW_VALUES = [
+    ("tensors.w.chunks.1.labels.encoding", "brotli", "w", "encoding 'brotli'"),
+    ("tensors.b.chunks.1.planes.0.encoding", "lz4", "b", "encoding 'lz4'"),
+    ("tensors.b.transform", "delta_planes", "b", "transform 'delta_planes'"),
+    ("tensors.b.dtype", "F4_E2M1", "b", "dtype 'F4_E2M1'"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "tensor", "what"), NEW_VALUES)
+def test_unknown_value_refuses_only_its_tensor_when_lenient(path: str, value: str, tensor: str, what: str) -> None:
+    """Spec §10: a new dtype, transform or encoding is a minor change; a reader opens the
+    file and refuses only the tensors that need it (and their aliases)."""
+    h = _mutated(path, value)
+    with pytest.raises(ValueError):
+        _parse(h)
+    got = _parse(h, lenient=True)
+    want = {tensor: what} | ({"tied": what} if tensor == "w" else {})
+    assert got.unsupported == want
+    assert set(got.tensors) == {"w", "b", "tied"} - set(want)
+
+
+def test_wrong_types_stay_errors_when_lenient() -> None:
+    for path, value in [("tensors.b.dtype", 7), ("tensors.w.chunks.1.labels.encoding", None), ("tensors.b.transform", [])]:
+        with pytest.raises(ValueError):
+            _parse(_mutated(path, value), lenient=True)
