@@ -1,0 +1,152 @@
+"""The ``wcfmt`` command: a thin shell over `wcfmt.convert` and `wcfmt.inspect`.
+
+Every option maps to a keyword of the library call of the same name (``--chunk-rows`` →
+``chunk_rows=``, ``--max-shard-size`` → ``max_shard_size=``), and ``--quiet`` to
+``progress=False``. Errors a user can cause (missing or malformed input, existing output, full
+disk, unsupported dtype, corrupt file) print one line, ``wcfmt: error: <file>: <tensor>:
+<problem>``, and exit with status 1; usage errors exit with 2, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Sequence
+
+from . import _version
+from .constants import VERSION_MAJOR, VERSION_MINOR
+from .errors import WclustError
+
+__all__ = ["main", "build_parser"]
+
+PROG = "wcfmt"
+_QUIET_HELP = "no progress bars (shown only on a terminal anyway) and no summary line"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description="Pack, unpack, inspect and verify .wclust weight-clustered checkpoints.",
+    )
+    p.add_argument(
+        "--version", action="version",
+        version=f"{PROG} {_version.__version__} (.wclust format {VERSION_MAJOR}.{VERSION_MINOR})",
+    )  # fmt: skip
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    pk = sub.add_parser(
+        "pack", help="safetensors file or Hugging Face folder -> .wclust file or folder",
+        description="Cluster the attention and MLP projection weights (the default policy, changed by "
+        "--include/--exclude); store every other tensor losslessly.",
+    )  # fmt: skip
+    pk.add_argument("src", metavar="SRC", help="a .safetensors file or a Hugging Face model folder")
+    pk.add_argument("-o", "--output", dest="dst", metavar="DST", required=True,
+                    help="output .wclust file (for a file SRC) or folder (for a folder SRC)")
+    pk.add_argument("--k", type=int, metavar="K", help="centroids per row chunk (default: the policy's)")
+    pk.add_argument("--chunk-rows", type=int, metavar="N", help="rows per centroid table (default: the policy's)")
+    pk.add_argument("--include", action="append", metavar="RE",
+                    help="also cluster tensors whose name matches RE (re.search; repeatable)")
+    pk.add_argument("--exclude", action="append", metavar="RE",
+                    help="never cluster tensors whose name matches RE (wins over --include; repeatable)")
+    pk.add_argument("--level", type=int, metavar="L", help="zstd level")
+    pk.add_argument("--threads", type=int, metavar="N", help="encoder/clusterer threads")
+    _common(pk)
+
+    up = sub.add_parser(
+        "unpack", help=".wclust file or folder -> safetensors file or Hugging Face folder",
+        description="Rebuild every tensor dense and write safetensors, shards named as save_pretrained does.",
+    )  # fmt: skip
+    up.add_argument("src", metavar="SRC", help="a .wclust file or a packed folder")
+    up.add_argument("-o", "--output", dest="dst", metavar="DST", required=True,
+                    help="output .safetensors file (for a file SRC) or folder (for a folder SRC)")
+    up.add_argument("--dtype", metavar="D", help="cast floating-point tensors (bf16, fp16, fp32, ...)")
+    up.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                    help="largest shard of a folder output, e.g. 5GB, 500MB (decimal units; default 5GB)")
+    _common(up)
+
+    inf = sub.add_parser("info", help="list tensors, codecs, K, bits/weight and sizes")
+    inf.add_argument("path", metavar="FILE_OR_DIR")
+    inf.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    ver = sub.add_parser("verify", help="check structure and every checksum of a file or folder")
+    ver.add_argument("path", metavar="FILE_OR_DIR")
+    ver.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
+    return p
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace DST if it exists")
+    p.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    # tqdm's own rule (disable=None): bars only on a terminal, so logs and pipes get just the result.
+    return not args.quiet and sys.stderr.isatty()
+
+
+def _run(args: argparse.Namespace) -> int:
+    # Imported here so that `wcfmt --help` and `--version` stay fast.
+    if args.command == "pack":
+        from .convert import pack
+
+        pr = pack(
+            args.src, args.dst, k=args.k, chunk_rows=args.chunk_rows, include=args.include, exclude=args.exclude,
+            level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
+        )  # fmt: skip
+        if not args.quiet:
+            for name in pr.skipped:
+                print(f"{PROG}: note: {args.src}: {name} is not listed in the index; not packed", file=sys.stderr)
+            print(pr.summary())
+        return 0
+    if args.command == "unpack":
+        from .convert import unpack
+
+        ur = unpack(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
+                    progress=_progress(args))
+        if not args.quiet:
+            print(ur.summary())
+        return 0
+    if args.command == "info":
+        from .inspect import format_table, info
+
+        i = info(args.path)
+        print(json.dumps(i.to_dict(), indent=2) if args.json else format_table(i))
+        return 0
+    if args.command == "verify":
+        from .inspect import verify
+
+        vr = verify(args.path, progress=_progress(args))
+        if not args.quiet:
+            print(vr.summary())
+        return 0
+    raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
+
+
+def _os_error(e: OSError) -> str:
+    parts = [str(x) for x in (e.filename, e.filename2) if x is not None]
+    msg = e.strerror or str(e)
+    return ": ".join(parts + [msg])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (0 ok, 1 error, 2 usage)."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except WclustError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # `wcfmt info ... | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except OSError as e:  # missing file, permission, disk full (ENOSPC), ...
+        print(f"{PROG}: error: {_os_error(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

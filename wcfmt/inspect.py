@@ -1,0 +1,241 @@
+"""`info` (what a .wclust file or packed folder holds, and how small) and `verify` (is it intact).
+
+`info` reads headers only; `verify` reads every blob and checks every checksum and every
+decoded value (spec §9.1), file by file and tensor by tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .dtypes import itemsize
+from .errors import FormatError
+from .io.folder import check_weight_map, find_wclust_shards
+from .io.safetensors_io import format_size
+from .progress import bar
+from .reader import WclustReader
+from .schema import AliasEntry, ClusteredEntry, LosslessEntry
+
+__all__ = ["TensorRow", "Info", "VerifyReport", "info", "verify", "format_table"]
+
+
+@dataclass
+class TensorRow:
+    """One tensor as `info` shows it. ``ratio`` is packed / original bytes (below 1 is smaller)."""
+
+    file: str
+    name: str
+    shape: list[int]
+    dtype: str
+    codec: str
+    k_min: int | None
+    k_max: int | None
+    chunks: int
+    original_bytes: int
+    packed_bytes: int
+    bits_per_weight: float | None
+    ratio: float | None
+    target: str | None = None  # for aliases
+
+
+@dataclass
+class Info:
+    """Every tensor of a file or folder, and the totals."""
+
+    path: str
+    files: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[TensorRow] = field(default_factory=list)
+
+    @property
+    def original_bytes(self) -> int:
+        """Bytes of the tensors in their original dtype (aliases counted once, as tied weights)."""
+        return sum(r.original_bytes for r in self.rows if r.codec != "alias")
+
+    @property
+    def packed_bytes(self) -> int:
+        """Bytes of the .wclust files, headers and padding included."""
+        return sum(int(f["size"]) for f in self.files)
+
+    @property
+    def ratio(self) -> float | None:
+        return self.packed_bytes / self.original_bytes if self.original_bytes else None
+
+    def totals(self) -> dict[str, Any]:
+        by_codec: dict[str, int] = {}
+        for r in self.rows:
+            by_codec[r.codec] = by_codec.get(r.codec, 0) + 1
+        return {
+            "files": len(self.files),
+            "tensors": len(self.rows),
+            "by_codec": by_codec,
+            "original_bytes": self.original_bytes,
+            "packed_bytes": self.packed_bytes,
+            "ratio": self.ratio,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": self.path, "files": self.files, "tensors": [asdict(r) for r in self.rows],
+                "totals": self.totals()}
+
+
+def _paths(path: Path) -> list[Path]:
+    if path.is_dir():
+        return find_wclust_shards(path).paths
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or folder", str(path))
+    return [path]
+
+
+def info(path: str | os.PathLike[str]) -> Info:
+    """Describe a .wclust file or packed folder from its headers (no tensor data is read).
+
+    >>> import tempfile, os, torch, wcfmt
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.wclust")
+    >>> wcfmt.save_file({"b": torch.zeros(8)}, p)
+    >>> i = info(p)
+    >>> [(r.name, r.codec, r.original_bytes) for r in i.rows]
+    [('b', 'lossless', 32)]
+    """
+    path = Path(path)
+    out = Info(str(path))
+    for p in _paths(path):
+        with WclustReader(p, use_mmap=False) as r:
+            h = r.header
+            out.files.append({
+                "path": str(p),
+                "size": r.file_size,
+                "version": f"{r.version[0]}.{r.version[1]}",
+                "producer": h.producer,
+                "metadata": dict(h.metadata),
+                "settings": h.settings.model_dump(exclude_none=True) if h.settings else None,
+            })  # fmt: skip
+            for name, e in h.tensors.items():
+                out.rows.append(_row(p.name, name, e))
+            for name, codec in h.unsupported.items():
+                out.rows.append(TensorRow(p.name, name, [], "?", codec, None, None, 0, 0, 0, None, None))
+    return out
+
+
+def _row(file: str, name: str, e: ClusteredEntry | LosslessEntry | AliasEntry) -> TensorRow:
+    numel = math.prod(e.shape)
+    original = numel * itemsize(e.dtype)
+    ks: list[int] = []
+    if isinstance(e, ClusteredEntry):
+        ks = [c.k for c in e.chunks]
+        packed = sum(c.centroids.length + c.labels.length for c in e.chunks)
+    elif isinstance(e, LosslessEntry):
+        packed = sum(p.length for c in e.chunks for p in c.planes)
+    else:
+        return TensorRow(file, name, list(e.shape), e.dtype, "alias", None, None, 0, original, 0, None, None,
+                         target=e.target)
+    return TensorRow(
+        file=file,
+        name=name,
+        shape=list(e.shape),
+        dtype=e.dtype,
+        codec=e.codec,
+        k_min=min(ks) if ks else None,
+        k_max=max(ks) if ks else None,
+        chunks=len(e.chunks),
+        original_bytes=original,
+        packed_bytes=packed,
+        bits_per_weight=packed * 8 / numel if numel else None,
+        ratio=packed / original if original else None,
+    )
+
+
+def format_table(i: Info) -> str:
+    """Render `Info` as the text table ``wcfmt info`` prints."""
+    many = len(i.files) > 1
+    head = (["file"] if many else []) + ["name", "shape", "dtype", "codec", "K", "bits/w", "ratio"]
+    lines = []
+    for r in i.rows:
+        if r.k_min is None:
+            k = f"-> {r.target}" if r.target else "-"
+        else:
+            k = str(r.k_min) if r.k_min == r.k_max else f"{r.k_min}-{r.k_max}"
+        cells = ([r.file] if many else []) + [
+            r.name,
+            "x".join(map(str, r.shape)) or "scalar",
+            r.dtype,
+            r.codec,
+            k,
+            "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
+            "-" if r.ratio is None else f"{r.ratio:.3f}",
+        ]
+        lines.append(cells)
+    widths = [max([len(h)] + [len(c[j]) for c in lines]) for j, h in enumerate(head)]
+    right = {"bits/w", "ratio"}
+
+    def fmt(cells: list[str]) -> str:
+        padded = (c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(cells, widths, head, strict=True))
+        return "  ".join(padded).rstrip()
+
+    t = i.totals()
+    codecs = ", ".join(f"{n} {c}" for c, n in sorted(t["by_codec"].items()))
+    ratio = "-" if t["ratio"] is None else f"{t['ratio']:.3f}"
+    return "\n".join(
+        [fmt(head)]
+        + [fmt(c) for c in lines]
+        + [
+            "",
+            f"total: {t['tensors']} tensors ({codecs}) in {t['files']} file(s); original "
+            f"{format_size(t['original_bytes'])}, packed {format_size(t['packed_bytes'])}, ratio {ratio}",
+        ]
+    )
+
+
+@dataclass
+class VerifyReport:
+    """What `verify` checked (it raises on the first problem, so a report means all is well)."""
+
+    path: str
+    files: int = 0
+    tensors: int = 0
+    bytes: int = 0
+
+    def summary(self) -> str:
+        return f"OK: {self.path}: {self.files} file(s), {self.tensors} tensors, {format_size(self.bytes)} checked"
+
+
+def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyReport:
+    """Check the structure and every checksum of a .wclust file or of every file of a packed folder.
+
+    For a folder the index must agree with the files (every listed tensor in the file it names,
+    no tensor in two files). Raises `FormatError` (or `ChecksumError`, `HeaderError`,
+    `VersionError`) naming the file, tensor and chunk at the first problem.
+    """
+    path = Path(path)
+    paths = _paths(path)
+    shards = find_wclust_shards(path) if path.is_dir() else None
+    report = VerifyReport(str(path))
+    seen: dict[str, str] = {}
+    total = sum(p.stat().st_size for p in paths)
+    with bar(progress, total=total, desc="verify", unit="B", unit_scale=True) as overall:
+        for p in paths:
+            # Positioned reads, not mmap: a whole-folder pass would otherwise grow RSS to its size.
+            with WclustReader(p, use_mmap=False) as r, \
+                 bar(progress, total=len(r.header.tensors), desc=p.name, unit="tensor", position=1,
+                     leave=False) as per_tensor:  # fmt: skip
+                for name in r.header.unsupported:
+                    r.entry(name)  # raises VersionError naming the unknown codec
+                for name, e in r.header.tensors.items():
+                    if name in seen:
+                        raise FormatError(f"{p}: tensor {name!r} is also in {seen[name]}")
+                    seen[name] = p.name
+                    per_tensor.set_postfix_str(name)
+                    if not isinstance(e, AliasEntry):
+                        for i in range(len(e.chunks)):
+                            r.decode_chunk(name, i)
+                    report.tensors += 1
+                    per_tensor.update(1)
+                overall.update(r.file_size)
+            report.files += 1
+            report.bytes += r.file_size
+        if shards is not None:
+            check_weight_map(shards, seen)
+    return report

@@ -1,0 +1,325 @@
+"""Hugging Face model folders: finding shards, index files, copying the other files (spec §8).
+
+A source folder holds either one ``model.safetensors`` or shards listed by
+``model.safetensors.index.json``; a packed folder holds ``.wclust`` shards listed by
+``model.wclust.index.json``. Both indexes have the same shape:
+``{"metadata": {"total_size": INT, ...}, "weight_map": {tensor name: shard file name}}``.
+Everything else in a folder (config, tokenizer, README, subfolders) travels unchanged.
+
+Folder outputs are built in a temporary folder beside the destination and renamed into place
+(`building_folder`), so a failed run never leaves a partial model behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..constants import INDEX_NAME, SUFFIX
+from ..errors import FormatError, OutputExistsError, UsageError
+from .safetensors_io import SAFETENSORS_SUFFIX, new_file_mode
+
+__all__ = [
+    "INDEX_NAME",
+    "SAFETENSORS_INDEX",
+    "SAFETENSORS_SINGLE",
+    "Shards",
+    "find_safetensors_shards",
+    "find_wclust_shards",
+    "read_index",
+    "write_index",
+    "check_weight_map",
+    "other_files",
+    "copy_files",
+    "building_folder",
+    "check_output",
+    "load_state_dict",
+]
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+#: Folders never copied: version control and download caches (huggingface_hub's ``.cache``).
+_SKIP_DIRS = frozenset({".git", ".cache", "__pycache__"})
+
+#: Tensors a ``dtype=`` cast applies to: the float weights (float8 and integers keep theirs).
+_CASTABLE = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
+
+
+class Shards:
+    """The model files of a folder: shard file names in order, and the index if there is one."""
+
+    def __init__(self, folder: Path, files: list[str], index: str | None, weight_map: dict[str, str] | None,
+                 index_metadata: dict[str, object] | None = None) -> None:
+        self.folder = folder
+        self.files = files
+        self.index = index
+        self.weight_map = weight_map
+        self.index_metadata = dict(index_metadata or {})
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / f for f in self.files]
+
+    def __repr__(self) -> str:
+        return f"Shards({self.folder}, files={self.files}, index={self.index})"
+
+
+def read_index(path: str | os.PathLike[str]) -> tuple[dict[str, object], dict[str, str]]:
+    """Read a safetensors-style index; return (metadata, weight_map). Raise `FormatError` if malformed."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{path}: index is not valid JSON ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("weight_map"), dict):
+        raise FormatError(f"{path}: index has no 'weight_map' object")
+    wm = data["weight_map"]
+    for name, file in wm.items():
+        if not isinstance(file, str) or not file or "/" in file or "\\" in file or file in (".", ".."):
+            raise FormatError(f"{path}: weight_map[{name!r}] = {file!r} is not a file name in this folder")
+    meta = data.get("metadata") or {}
+    if not isinstance(meta, dict):
+        raise FormatError(f"{path}: index 'metadata' is not an object")
+    return meta, dict(wm)
+
+
+def write_index(path: str | os.PathLike[str], total_size: int, weight_map: dict[str, str],
+                extra_metadata: dict[str, object] | None = None) -> None:
+    """Write an index the way ``save_pretrained`` does (sorted keys, 2-space indent, final newline)."""
+    meta = {k: v for k, v in (extra_metadata or {}).items() if k != "total_size"}
+    meta["total_size"] = int(total_size)
+    text = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
+    _write_text_atomic(Path(path), text)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(fd, new_file_mode())
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _shards_from_index(folder: Path, index: str, suffix: str) -> Shards:
+    meta, wm = read_index(folder / index)
+    files: list[str] = []
+    for f in wm.values():
+        if f not in files:
+            files.append(f)
+    files.sort()
+    for f in files:
+        if not f.endswith(suffix):
+            raise FormatError(f"{folder / index}: lists {f!r}, which is not a {suffix} file")
+        if not (folder / f).is_file():
+            raise FormatError(f"{folder / index}: lists {f!r}, which is not in the folder")
+    return Shards(folder, files, index, wm, meta)
+
+
+def find_safetensors_shards(folder: str | os.PathLike[str]) -> Shards:
+    """Return the safetensors model files of a Hugging Face folder.
+
+    With ``model.safetensors.index.json`` (or a single other ``*.safetensors.index.json``), the
+    shards it lists; otherwise every top-level ``*.safetensors`` file (usually just
+    ``model.safetensors``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder")
+    indexes = sorted(p.name for p in folder.glob(f"*{SAFETENSORS_SUFFIX}.index.json") if p.is_file())
+    if SAFETENSORS_INDEX in indexes:
+        return _shards_from_index(folder, SAFETENSORS_INDEX, SAFETENSORS_SUFFIX)
+    if len(indexes) == 1:
+        return _shards_from_index(folder, indexes[0], SAFETENSORS_SUFFIX)
+    if len(indexes) > 1:
+        raise UsageError(f"{folder}: several safetensors indexes ({', '.join(indexes)}); which model is meant?")
+    files = sorted(p.name for p in folder.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file())
+    if not files:
+        raise UsageError(f"{folder}: no .safetensors files (and no {SAFETENSORS_INDEX})")
+    return Shards(folder, files, None, None)
+
+
+def find_wclust_shards(folder: str | os.PathLike[str]) -> Shards:
+    """Return the .wclust files of a packed folder: those its index lists, else every ``*.wclust``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"{folder}: not a folder")
+    if (folder / INDEX_NAME).is_file():
+        return _shards_from_index(folder, INDEX_NAME, SUFFIX)
+    files = sorted(p.name for p in folder.glob(f"*{SUFFIX}") if p.is_file())
+    if not files:
+        raise UsageError(f"{folder}: no {SUFFIX} files (and no {INDEX_NAME})")
+    return Shards(folder, files, None, None)
+
+
+def check_weight_map(shards: Shards, found: dict[str, str]) -> None:
+    """Raise `FormatError` unless every tensor the index lists is in the shard it names.
+
+    ``found`` maps each tensor to the shard file that actually holds it. Tensors that a shard
+    holds but the index does not list are allowed (loaders read whole shards).
+    """
+    if shards.weight_map is None:
+        return
+    for name, f in shards.weight_map.items():
+        if found.get(name) != f:
+            where_ = f"it is in {found[name]}" if name in found else "no shard holds it"
+            raise FormatError(f"{shards.folder / str(shards.index)}: lists tensor {name!r} in {f}, but {where_}")
+
+
+def other_files(folder: str | os.PathLike[str], skip_suffixes: tuple[str, ...]) -> list[str]:
+    """Relative paths of every file under ``folder`` that is not model data.
+
+    Top-level files ending in one of ``skip_suffixes`` are the model and are skipped; so are
+    temporary files of ours (``.*.tmp``) and ``.git``/``.cache`` folders. Subfolders are walked.
+    """
+    folder = Path(folder)
+    out: list[str] = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS and not _is_ours_tmp(d))
+        rel_root = Path(root).relative_to(folder)
+        for name in sorted(files):
+            if rel_root == Path(".") and name.endswith(skip_suffixes):
+                continue
+            if _is_ours_tmp(name):
+                continue
+            out.append(str(rel_root / name) if rel_root != Path(".") else name)
+    return out
+
+
+def _is_ours_tmp(name: str) -> bool:
+    return name.startswith(".") and (name.endswith(".tmp") or ".wcfmt-" in name)
+
+
+def copy_files(src: Path, dst: Path, names: list[str]) -> None:
+    """Copy ``names`` (relative paths) from ``src`` to ``dst``, keeping subfolders and times."""
+    for name in names:
+        target = dst / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / name, target)
+
+
+def check_output(src: Path, dst: Path, *, force: bool, want_dir: bool) -> None:
+    """Refuse outputs that exist (unless ``force``), that are or hold the source, or that change kind."""
+    s, d = src.resolve(), dst.resolve()
+    if s == d:
+        raise UsageError(f"{dst}: output is the source")
+    if s.is_relative_to(d):
+        raise UsageError(f"{dst}: output would replace a folder that holds the source {src}")
+    if src.is_dir() and d.is_relative_to(s):
+        raise UsageError(f"{dst}: output inside the source folder {src} (the source is never modified)")
+    if dst.exists() or dst.is_symlink():
+        if not force:
+            raise OutputExistsError(f"{dst}: output exists (pass force=True / --force to replace it)")
+        if want_dir and not dst.is_dir():
+            raise UsageError(f"{dst}: exists and is a file; a folder output will not replace it")
+        if not want_dir and dst.is_dir():
+            raise UsageError(f"{dst}: exists and is a folder; a file output will not replace it")
+    if not dst.parent.is_dir():
+        raise UsageError(f"{dst}: folder {dst.parent} does not exist")
+
+
+@contextlib.contextmanager
+def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``dst``; on success rename it to ``dst``.
+
+    An existing ``dst`` is replaced only with ``force`` (it is moved aside first and removed after
+    the new folder is in place). On any error the temporary folder is removed and ``dst`` is left
+    as it was.
+    """
+    dst = Path(dst)
+    if dst.exists() and not force:
+        raise OutputExistsError(f"{dst}: output exists (pass force=True / --force to replace it)")
+    tmp = _fresh_dir(dst, "")
+    try:
+        yield tmp
+        if dst.exists():
+            if not force:
+                raise OutputExistsError(f"{dst}: output appeared while it was being built")
+            old = _fresh_dir(dst, "old-")
+            old.rmdir()
+            os.replace(dst, old)
+            os.replace(tmp, dst)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fresh_dir(dst: Path, tag: str) -> Path:
+    # Not tempfile.mkdtemp: its 0700 mode would become the output folder's; os.mkdir honours the
+    # umask, as save_pretrained's os.makedirs does.
+    for _ in range(100):
+        p = dst.parent / f".{dst.name}.wcfmt-{tag}{secrets.token_hex(4)}.tmp"
+        try:
+            p.mkdir()
+            return p
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "cannot create a temporary folder", str(dst.parent))
+
+
+def load_state_dict(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Load a `.wclust` file or a packed folder as one dense state dict.
+
+    A folder's shards come from ``model.wclust.index.json`` (or every ``*.wclust`` in it).
+    ``dtype`` casts floating-point tensors only (as ``from_pretrained(torch_dtype=...)``); tied
+    tensors (aliases) stay one shared tensor.
+
+    >>> import tempfile, os, wcfmt
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.wclust")
+    >>> wcfmt.save_file({"w": torch.ones(2), "n": torch.arange(2)}, p)
+    >>> sd = load_state_dict(p, dtype="bf16")
+    >>> sd["w"].dtype, sd["n"].dtype
+    (torch.bfloat16, torch.int64)
+    """
+    from ..api import load_file
+    from ..convert import torch_dtype_of  # one parser of dtype names for the library and the CLI
+
+    path = Path(path)
+    want = torch_dtype_of(dtype) if dtype is not None else None
+    if path.is_dir():
+        shards = find_wclust_shards(path)
+        out: dict[str, torch.Tensor] = {}
+        found: dict[str, str] = {}
+        for p in shards.paths:
+            part = load_file(p, device=device)
+            for name in part:
+                if name in found:
+                    raise FormatError(f"{p}: tensor {name!r} is also in {found[name]}")
+                found[name] = p.name
+            out.update(part)
+        check_weight_map(shards, found)
+    elif path.exists():
+        out = load_file(path, device=device)
+    else:
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    if want is None:
+        return out
+    cast: dict[int, torch.Tensor] = {}
+    for name, t in out.items():
+        if t.dtype in _CASTABLE and t.dtype != want:
+            if id(t) not in cast:
+                cast[id(t)] = t.to(want)
+            out[name] = cast[id(t)]
+    return out
