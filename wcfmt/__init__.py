@@ -7,7 +7,12 @@
 
 from ._version import __version__
 from .api import load_file, safe_open, save_file
+from .cluster import ClusterPolicy, cluster_tensor
 from .clustered_tensor import ClusteredTensor
+from .convert import pack, unpack
+from .edit import rewrite_centroids
+from .io.folder import load_state_dict
+from .io.hub import load_from_hub, push_to_hub
 from .constants import VERSION_MAJOR, VERSION_MINOR
 from .errors import (
     ChecksumError,
@@ -29,6 +34,14 @@ __all__ = [
     "save_file",
     "load_file",
     "safe_open",
+    "load_state_dict",
+    "pack",
+    "unpack",
+    "cluster_tensor",
+    "ClusterPolicy",
+    "rewrite_centroids",
+    "push_to_hub",
+    "load_from_hub",
     "WclustError",
     "FormatError",
     "HeaderError",

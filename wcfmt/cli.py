@@ -70,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("path", metavar="FILE_OR_DIR")
     inf.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    push = sub.add_parser(
+        "push", help="verify a packed folder and upload it to the Hugging Face Hub",
+        description="Check every .wclust shard, create the repository if needed, and upload the folder "
+        "(uses your huggingface_hub login or --token).",
+    )  # fmt: skip
+    push.add_argument("path", metavar="FOLDER", help="a packed folder (or a single .wclust file)")
+    push.add_argument("repo_id", metavar="REPO_ID", help="e.g. your-name/model-wclust")
+    push.add_argument("--private", action="store_true", default=None, help="create the repository private")
+    push.add_argument("--revision", metavar="REV", help="branch to push to")
+    push.add_argument("--commit-message", metavar="MSG")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of pushing")
+    push.add_argument("--token", metavar="TOKEN", help="Hub token (default: the stored login)")
+
     ver = sub.add_parser("verify", help="check structure and every checksum of a file or folder")
     ver.add_argument("path", metavar="FILE_OR_DIR")
     ver.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
@@ -120,6 +133,13 @@ def _run(args: argparse.Namespace) -> int:
         vr = verify(args.path, progress=_progress(args))
         if not args.quiet:
             print(vr.summary())
+        return 0
+    if args.command == "push":
+        from .io.hub import push_to_hub
+
+        url = push_to_hub(args.path, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                          commit_message=args.commit_message, create_pr=args.create_pr)
+        print(url)
         return 0
     raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
 
