@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..codecs.bitpack import unpack_labels
-from ..dtypes import from_numpy, storage_dtype, to_numpy
+from ..dtypes import to_numpy
 
 __all__ = ["centroids_as", "rebuild_chunk"]
 

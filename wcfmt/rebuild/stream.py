@@ -1,0 +1,412 @@
+"""Loading many tensors at once: a pipeline from a `WclustReader` to dense torch tensors (spec §5.5, §6).
+
+`load_tensors` splits every requested tensor into *pieces* (consecutive row chunks of one
+tensor) and runs them through two stages:
+
+1. **Host, in a thread pool**: verify the CRC and entropy-decode the label plane (zlib's CRC,
+   python-zstandard and numpy all release the GIL, so the pool uses every core), convert the
+   few centroids to the output dtype (`reference.centroids_as`).
+2. **Rebuild**: on the CPU (backend ``"numpy"``) the worker itself gathers straight into the
+   preallocated output with `fast.rebuild_chunk_fast`, one chunk per piece. On a device
+   (``"triton"`` or ``"torch"``), the worker packs the piece's labels (1 byte or less per
+   weight), tables and chunk metadata into a pinned staging slot; the main thread copies the
+   slot to the device with one ``non_blocking`` copy on the slot's CUDA stream and launches the
+   rebuild for all the piece's chunks on the same stream, so the copy of one piece overlaps
+   the kernel of another and the host decodes ahead.
+
+Host memory in flight is bounded: at most ``depth`` pieces are decoded and not yet rebuilt
+(``2 * threads`` on the CPU; on a device, ``threads + 2`` staging slots of at most
+`_PIECE_BYTES` each, reused only after their copy and kernel have finished).
+
+Lossless tensors go through the same stages, chunk by chunk, with ``reader.decode_chunk`` (the
+canonical decoder) on the host and a plain copy instead of a rebuild. Aliases come back as the
+same tensor object as their target.
+
+Requirements on ``reader`` (a `wcfmt.reader.WclustReader` meets them): ``header.tensors``
+(name -> `ClusteredEntry` / `LosslessEntry` / `AliasEntry`), ``read_labels(name, i)`` returning
+a packed plane *already checked* (every label < K, padding bits zero: the gather relies on it),
+``read_centroids(name, i)`` (fp16), ``decode_chunk(name, i)`` (flat values in storage form), and
+optionally ``entry(name)`` (used to raise the reader's own error for unknown names or codecs)
+and ``check_sizes(name, chunks)`` (called for every tensor before its output is allocated, so
+a header whose blobs cannot fill the shape it claims fails before a huge allocation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ..codecs.bitpack import packed_size
+from ..dtypes import from_numpy, to_numpy, torch_dtype
+from ..errors import UsageError
+from ..schema import AliasEntry, ClusteredEntry, LosslessEntry, chunk_row_ranges, rows_and_row_size
+from .backend import ChunkSpec, default_backend
+from .fast import rebuild_chunk_fast
+from .reference import centroids_as
+
+__all__ = ["load_tensors"]
+
+#: Device path: a piece gathers consecutive chunks up to this many staged bytes, so one launch
+#: and one copy cover several small chunks; a chunk larger than this is a piece of its own.
+_PIECE_BYTES = 16 << 20
+
+_ALIGN = 16  # staging layout: tables and metadata start on this boundary
+
+
+def load_tensors(
+    reader: Any,
+    names: Iterable[str] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+    backend: str | None = None,
+) -> dict[str, torch.Tensor]:
+    """Return the named tensors (all, in header order, if ``names`` is None) dense on ``device``.
+
+    Values are bit-identical to ``reader.decode(name)``. ``dtype``, if given, converts
+    floating-point tensors as ``tensor.to(dtype)`` would (clustered tensors convert their small
+    tables instead, which gives the same bits); integer and bool tensors keep their dtype.
+    ``threads`` (default: the CPUs this process may use) sizes the host decode pool; ``backend``
+    (default `backend.default_backend(device)`, overridable with ``$WCFMT_BACKEND``) is
+    ``"numpy"`` (CPU only), ``"torch"`` or ``"triton"``.
+
+    >>> import tempfile, os, wcfmt
+    >>> from wcfmt.reader import WclustReader
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.wclust")
+    >>> wcfmt.save_file({"a": torch.arange(6.0).reshape(2, 3)}, p)
+    >>> with WclustReader(p) as r:
+    ...     load_tensors(r, dtype=torch.float16)["a"]
+    tensor([[0., 1., 2.],
+            [3., 4., 5.]], dtype=torch.float16)
+    """
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise UsageError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    nthreads = threads if threads is not None else _cpu_count()
+    if nthreads < 1:
+        raise UsageError(f"threads must be >= 1, got {threads}")
+    chosen = backend if backend is not None else default_backend(dev)
+    if chosen not in ("numpy", "torch", "triton"):
+        raise UsageError(f"backend must be 'numpy', 'torch' or 'triton', got {chosen!r}")
+    if chosen == "numpy" and dev.type != "cpu":
+        raise UsageError(f"backend 'numpy' rebuilds on the CPU only, not on {dev}")
+
+    tensors = reader.header.tensors
+    wanted = list(tensors) if names is None else list(dict.fromkeys(names))
+    if names is None:
+        for name in getattr(reader.header, "unsupported", {}):
+            _entry(reader, name)  # the reader raises its VersionError naming the codec
+    for name in wanted:
+        if name not in tensors:
+            _entry(reader, name)  # the reader's own error (TensorNotFoundError, VersionError)
+            raise KeyError(name)
+    targets = list(dict.fromkeys(tensors[n].target if isinstance(tensors[n], AliasEntry) else n for n in wanted))
+
+    check_sizes = getattr(reader, "check_sizes", None)
+    if check_sizes is not None:  # spec §9.1: blobs must declare the sizes the header implies
+        for n in targets:  # before anything is allocated for them
+            check_sizes(n, range(len(getattr(tensors[n], "chunks", []))))
+    outs: dict[str, _Output] = {n: _Output.make(n, tensors[n], dev, dtype) for n in targets}
+    if chosen == "numpy":
+        _run_cpu(reader, outs, nthreads)
+    else:
+        _run_device(reader, outs, dev, nthreads, chosen)
+
+    done = {n: o.finish(dtype) for n, o in outs.items()}
+    return {n: done[tensors[n].target if isinstance(tensors[n], AliasEntry) else n] for n in wanted}
+
+
+# -- planning ---------------------------------------------------------------------------------
+@dataclass
+class _Output:
+    """One tensor being filled: its entry, its flat destination and its chunks' element ranges."""
+
+    name: str
+    entry: ClusteredEntry | LosslessEntry
+    tensor: torch.Tensor  # flat; clustered: final dtype; lossless: stored dtype (cast in finish)
+    ranges: list[tuple[int, int]]  # element [start, stop) of each chunk
+    value_dtype: torch.dtype  # the dtype values are written in
+
+    @staticmethod
+    def make(name: str, e: Any, dev: torch.device, dtype: torch.dtype | None) -> "_Output":
+        if not isinstance(e, (ClusteredEntry, LosslessEntry)):
+            raise UsageError(f"tensor {name!r}: codec {getattr(e, 'codec', '?')!r} cannot be loaded")
+        rows, row_size = rows_and_row_size(e.shape)
+        stored = torch_dtype(e.dtype)
+        value = stored
+        if isinstance(e, ClusteredEntry) and dtype is not None and stored.is_floating_point:
+            value = dtype
+        rows_per = [] if rows * row_size == 0 else chunk_row_ranges(rows, e.chunk_rows)
+        ranges = [(a * row_size, b * row_size) for a, b in rows_per]
+        flat = torch.empty(rows * row_size, dtype=value, device=dev)
+        return _Output(name, e, flat, ranges, value)
+
+    def finish(self, dtype: torch.dtype | None) -> torch.Tensor:
+        t = self.tensor.reshape(self.entry.shape)
+        if dtype is not None and t.dtype != dtype and t.dtype.is_floating_point:
+            t = t.to(dtype)
+        return t
+
+    def table(self, reader: Any, chunk: int) -> np.ndarray:
+        """The chunk's centroids in the storage form of the dtype values are written in."""
+        e = self.entry
+        base = centroids_as(reader.read_centroids(self.name, chunk), e.dtype)
+        if self.value_dtype == torch_dtype(e.dtype):
+            return base
+        return to_numpy(from_numpy(base, e.dtype).to(self.value_dtype))
+
+
+@dataclass
+class _Piece:
+    out: _Output
+    chunks: list[int]
+
+    @property
+    def clustered(self) -> bool:
+        return isinstance(self.out.entry, ClusteredEntry)
+
+    @property
+    def start(self) -> int:
+        return self.out.ranges[self.chunks[0]][0]
+
+    @property
+    def stop(self) -> int:
+        return self.out.ranges[self.chunks[-1]][1]
+
+
+def _staged_bytes(out: _Output, chunk: int) -> int:
+    """Bytes one chunk occupies in a staging slot (labels + table + metadata, or values)."""
+    a, b = out.ranges[chunk]
+    e = out.entry
+    if isinstance(e, ClusteredEntry):
+        c = e.chunks[chunk]
+        width = out.tensor.element_size()
+        return packed_size(b - a, c.label_bits) + c.k * width + 5 * 8 + 2 * _ALIGN
+    return (b - a) * out.tensor.element_size()
+
+
+def _pieces(outs: Iterable[_Output], budget: int) -> list[_Piece]:
+    """Consecutive chunks of one tensor, grouped while their staged size stays within ``budget``."""
+    pieces: list[_Piece] = []
+    for out in outs:
+        cur: list[int] = []
+        size = 0
+        for i in range(len(out.ranges)):
+            n = _staged_bytes(out, i)
+            if cur and size + n > budget:
+                pieces.append(_Piece(out, cur))
+                cur, size = [], 0
+            cur.append(i)
+            size += n
+        if cur:
+            pieces.append(_Piece(out, cur))
+    return pieces
+
+
+def _bounded(pool: ThreadPoolExecutor, fns: Sequence[Callable[[], Any]], depth: int) -> Iterator[Any]:
+    """Yield ``fn()`` for every fn in order, with at most ``depth`` submitted and not yet yielded."""
+    queue: deque[Future[Any]] = deque()
+    try:
+        for fn in fns:
+            if len(queue) >= depth:
+                yield queue.popleft().result()
+            queue.append(pool.submit(fn))
+        while queue:
+            yield queue.popleft().result()
+    finally:
+        for f in queue:
+            f.cancel()
+        for f in queue:
+            with contextlib.suppress(BaseException):
+                f.result()  # let running jobs end before their outputs go away
+
+
+# -- the CPU path -----------------------------------------------------------------------------
+def _run_cpu(reader: Any, outs: dict[str, _Output], threads: int) -> None:
+    pieces = _pieces(outs.values(), budget=0)  # one chunk per piece: finest load balance
+
+    def job(p: _Piece) -> Callable[[], None]:
+        def run() -> None:
+            out, i = p.out, p.chunks[0]
+            a, b = out.ranges[i]
+            dst = to_numpy(out.tensor)[a:b]
+            if p.clustered:
+                table = out.table(reader, i)
+                packed = reader.read_labels(out.name, i)
+                # read_labels checked every label < K: the pair tables may skip the check.
+                rebuild_chunk_fast(packed, out.entry.chunks[i].label_bits, b - a, table, out=dst, checked=True)
+            else:
+                dst[...] = reader.decode_chunk(out.name, i)
+
+        return run
+
+    jobs = [job(p) for p in pieces]
+    if threads == 1 or len(jobs) <= 1:
+        for j in jobs:
+            j()
+        return
+    with ThreadPoolExecutor(threads, thread_name_prefix="wcfmt-load") as pool:
+        for _ in _bounded(pool, jobs, 2 * threads):
+            pass
+
+
+# -- the device path --------------------------------------------------------------------------
+@dataclass
+class _Staged:
+    """What a worker left in a staging slot: byte ranges of labels / tables / metadata."""
+
+    used: int
+    specs: list[ChunkSpec]
+    tables_at: int = 0
+    meta_at: int = 0
+
+
+class _Slot:
+    """A host staging buffer (pinned on CUDA), its device twin, and the stream that uses both."""
+
+    def __init__(self, size: int, dev: torch.device) -> None:
+        cuda = dev.type == "cuda"
+        self.host = torch.empty(size, dtype=torch.uint8, pin_memory=cuda)
+        self.device_buf = torch.empty(size, dtype=torch.uint8, device=dev)
+        self.stream = torch.cuda.Stream(dev) if cuda else None
+        self.event: Any = None
+
+    def wait_free(self) -> None:
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+    def context(self) -> Any:
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+def _align(n: int) -> int:
+    return -(-n // _ALIGN) * _ALIGN
+
+
+def _stage(reader: Any, p: _Piece, host: np.ndarray) -> _Staged:
+    """Worker: decode piece ``p`` into the staging buffer ``host`` (uint8)."""
+    out = p.out
+    if not p.clustered:
+        pos = 0
+        for i in p.chunks:
+            values = np.ascontiguousarray(reader.decode_chunk(out.name, i)).view(np.uint8).reshape(-1)
+            host[pos : pos + values.size] = values
+            pos += values.size
+        return _Staged(pos, [])
+    planes = []
+    tables = []
+    specs = []
+    lab = tab = 0
+    for i in p.chunks:
+        a, b = out.ranges[i]
+        packed = reader.read_labels(out.name, i)  # checked: every label < K
+        table = out.table(reader, i)
+        bits = out.entry.chunks[i].label_bits
+        specs.append(ChunkSpec(lab, a, b - a, bits, tab))
+        planes.append(packed)
+        tables.append(table)
+        lab += packed.size
+        tab += table.size
+    pos = 0
+    for plane in planes:
+        host[pos : pos + plane.size] = plane
+        pos += plane.size
+    tables_at = _align(pos)
+    tv = np.concatenate(tables).view(np.uint8)
+    host[tables_at : tables_at + tv.size] = tv
+    meta_at = _align(tables_at + tv.size)
+    mv = np.asarray([list(s) for s in specs], dtype="<i8").view(np.uint8).reshape(-1)
+    host[meta_at : meta_at + mv.size] = mv
+    return _Staged(meta_at + mv.size, specs, tables_at, meta_at)
+
+
+def _run_device(reader: Any, outs: dict[str, _Output], dev: torch.device, threads: int, backend: str) -> None:
+    if backend == "triton":
+        from .triton_kernel import rebuild_chunks_triton as rebuild
+    else:
+        from .torch_gather import rebuild_chunks_torch as rebuild_torch
+
+        def rebuild(packed, tables, chunks, out, *, meta=None):  # type: ignore[no-untyped-def]
+            return rebuild_torch(packed, tables, chunks, out)
+
+    pieces = _pieces(outs.values(), budget=_PIECE_BYTES)
+    if not pieces:
+        return
+    size = max(sum(_staged_bytes(p.out, i) for i in p.chunks) for p in pieces)
+    depth = min(len(pieces), threads + 2)
+    slots = [_Slot(size, dev) for _ in range(depth)]
+    hosts = [s.host.numpy() for s in slots]
+    if dev.type == "cuda":
+        main = torch.cuda.current_stream(dev)
+        for s in slots:
+            s.stream.wait_stream(main)  # the outputs were allocated on the main stream
+
+    def launch(p: _Piece, slot: _Slot, st: _Staged) -> None:
+        out = p.out
+        with slot.context():
+            if not p.clustered:
+                width = out.tensor.element_size()
+                dst = out.tensor.view(torch.uint8)[p.start * width : p.stop * width]
+                dst.copy_(slot.host[: st.used], non_blocking=True)
+            else:
+                buf = slot.device_buf[: st.used]
+                buf.copy_(slot.host[: st.used], non_blocking=True)
+                width = out.tensor.element_size()
+                n_tab = sum(out.entry.chunks[i].k for i in p.chunks)
+                tables = buf[st.tables_at : st.tables_at + n_tab * width].view(_int_of(width))
+                meta = buf[st.meta_at : st.meta_at + 40 * len(st.specs)].view(torch.int64).reshape(-1, 5)
+                rebuild(buf[: st.tables_at], tables, st.specs, out.tensor, meta=meta)
+            if slot.stream is not None:
+                out.tensor.record_stream(slot.stream)
+                # a blocking event: waiting on it sleeps instead of spinning, the decode threads need the CPU
+                slot.event = torch.cuda.Event(blocking=True)
+                slot.event.record(slot.stream)
+
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="wcfmt-load")
+    futures: dict[int, Future[_Staged]] = {}
+    try:
+        submitted = 0
+        for j, p in enumerate(pieces):
+            while submitted < len(pieces) and submitted < j + depth:
+                k = submitted % depth
+                slots[k].wait_free()  # piece submitted - depth was launched; its copy and kernel must end
+                futures[submitted] = pool.submit(_stage, reader, pieces[submitted], hosts[k])
+                submitted += 1
+            launch(p, slots[j % depth], futures.pop(j).result())
+    finally:
+        for f in futures.values():
+            f.cancel()
+        pool.shutdown(wait=True)
+        if dev.type == "cuda":
+            for s in slots:
+                main.wait_stream(s.stream)
+
+
+def _int_of(width: int) -> torch.dtype:
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width]
+
+
+def _entry(reader: Any, name: str) -> Any:
+    entry = getattr(reader, "entry", None)
+    if entry is not None:
+        return entry(name)
+    return reader.header.tensors[name]
+
+
+def _cpu_count() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
