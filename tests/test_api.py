@@ -392,9 +392,13 @@ def test_get_tensor_decodes_each_chunk_once(
     sliced_file: tuple[Path, dict[str, Any], dict[str, int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path, _, _ = sliced_file
+    # load_file streams clustered chunks through read_labels and lossless ones through decode_chunk
     calls: list[tuple[str, int]] = []
-    real = WclustReader.decode_chunk
-    monkeypatch.setattr(WclustReader, "decode_chunk", lambda self, n, c: calls.append((n, c)) or real(self, n, c))
+    for method in ("decode_chunk", "read_labels"):
+        real = getattr(WclustReader, method)
+        monkeypatch.setattr(
+            WclustReader, method, lambda self, n, c, _real=real: calls.append((n, c)) or _real(self, n, c)
+        )
     load_file(path)
     assert sorted(calls) == sorted([("ct", i) for i in range(4)] + [("ll", i) for i in range(5)] + [("vec", 0)])
 

@@ -75,14 +75,24 @@ def _identity(value: object) -> Any:
     return None
 
 
-def load_file(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_file(
+    path: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    *,
+    dtype: torch.dtype | None = None,
+    threads: int | None = None,
+) -> dict[str, torch.Tensor]:
     """Load every tensor of a .wclust file as dense torch tensors on ``device``.
 
-    Clustered tensors are rebuilt in their original dtype (bit-exactly); aliases come back as
-    the same tensor object as their target.
+    Clustered tensors are rebuilt in their original dtype (bit-exactly) by the streaming
+    pipeline (`wcfmt.rebuild.stream`): chunks decode in a thread pool and, on a GPU, labels
+    cross PCIe compact and are expanded on the device. Aliases come back as the same tensor
+    object as their target. ``dtype`` converts floating-point tensors (as ``.to(dtype)``).
     """
-    with safe_open(path, framework="pt", device=device) as f:
-        return f.load_all()
+    from .rebuild.stream import load_tensors
+
+    with WclustReader(path) as reader:
+        return load_tensors(reader, device=device, dtype=dtype, threads=threads)
 
 
 class _Slice:

@@ -76,13 +76,13 @@ def decompress(stored: bytes | memoryview, encoding: str, expected_size: int) ->
     d = getattr(_local, "decompressor", None)
     if d is None:
         d = _local.decompressor = zstandard.ZstdDecompressor()
-    obj = d.decompressobj()
     try:
-        out = obj.decompress(stored)
+        # One shot into a buffer of the declared (and checked) size; trailing bytes are refused.
+        out = d.decompress(stored, max_output_size=expected_size, allow_extra_data=False)
     except zstandard.ZstdError as e:
-        raise ValueError(f"corrupt zstd frame ({e})") from None
-    if not obj.eof or obj.unused_data or len(out) != expected_size:
-        raise ValueError("zstd frame is incomplete or followed by trailing bytes")
+        raise ValueError(f"corrupt zstd frame or trailing bytes ({e})") from None
+    if len(out) != expected_size:
+        raise ValueError(f"zstd frame decoded to {len(out)} bytes, expected {expected_size}")
     return out
 
 

@@ -52,7 +52,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 _SKIP_DIRS = frozenset({".git", ".cache", "__pycache__"})
 
 #: Tensors a ``dtype=`` cast applies to: the float weights (float8 and integers keep theirs).
-_CASTABLE = frozenset({torch.float64, torch.float32, torch.float16, torch.bfloat16})
 
 
 class Shards:
@@ -303,7 +302,7 @@ def load_state_dict(
         out: dict[str, torch.Tensor] = {}
         found: dict[str, str] = {}
         for p in shards.paths:
-            part = load_file(p, device=device)
+            part = load_file(p, device=device, dtype=want)
             for name in part:
                 if name in found:
                     raise FormatError(f"{p}: tensor {name!r} is also in {found[name]}")
@@ -311,15 +310,7 @@ def load_state_dict(
             out.update(part)
         check_weight_map(shards, found)
     elif path.exists():
-        out = load_file(path, device=device)
+        out = load_file(path, device=device, dtype=want)
     else:
         raise FileNotFoundError(2, "No such file or directory", str(path))
-    if want is None:
-        return out
-    cast: dict[int, torch.Tensor] = {}
-    for name, t in out.items():
-        if t.dtype in _CASTABLE and t.dtype != want:
-            if id(t) not in cast:
-                cast[id(t)] = t.to(want)
-            out[name] = cast[id(t)]
     return out
