@@ -1,0 +1,196 @@
+"""Weight clustering: turn a torch weight into a `ClusteredTensor`, and decide which weights to cluster.
+
+>>> import torch
+>>> from wcfmt.cluster import cluster_tensor
+>>> w = torch.tensor([[0.0, 0.1, 1.0, 1.1], [0.0, 0.0, 1.0, 1.0]], dtype=torch.bfloat16)
+>>> ct = cluster_tensor(w, k=2)
+>>> ct.ks, ct.labels.tolist()
+([2], [[0, 0, 1, 1], [0, 0, 1, 1]])
+>>> sorted(ct.quality)
+['k_mean', 'label_entropy_bits', 'rel_error', 'sqnr_db']
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, TypeVar
+
+import numpy as np
+import torch
+
+from ..clustered_tensor import ClusteredTensor
+from ..dtypes import CLUSTERABLE, from_numpy, name_of, to_numpy
+from ..errors import UsageError
+from ..schema import chunk_row_ranges, rows_and_row_size
+from .kmeans import (
+    METHODS,
+    ValueHistogram,
+    assign_labels,
+    cluster_values,
+    label_bounds,
+    lloyd_kmeans_1d,
+    optimal_kmeans_1d,
+    round_centroids,
+    solve_centroids,
+    value_histogram,
+)
+from .policy import DEFAULT_CHUNK_ROWS, DEFAULT_K, ClusterPolicy
+from .report import ChunkStats, combine, quality
+
+__all__ = [
+    "cluster_tensor",
+    "cluster_values",
+    "ClusterPolicy",
+    "DEFAULT_K",
+    "DEFAULT_CHUNK_ROWS",
+    "METHODS",
+    "quality",
+    "optimal_kmeans_1d",
+    "lloyd_kmeans_1d",
+]
+
+#: Most F32 elements whose histograms are held at once (about 400 MiB of them).
+_F32_WAVE = 1 << 24
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _importance_array(importance: torch.Tensor | np.ndarray | None, shape: tuple[int, ...]) -> tuple[np.ndarray | None, bool]:
+    """Return (float64 importance, per_column) after checking its shape against the weight's."""
+    if importance is None:
+        return None, False
+    imp = importance.detach().cpu().to(torch.float64).numpy() if isinstance(importance, torch.Tensor) else np.asarray(importance, dtype=np.float64)
+    if tuple(imp.shape) == shape:
+        per_column = False
+    elif len(shape) >= 1 and imp.ndim == 1 and imp.shape[0] == shape[-1]:
+        per_column = True
+    else:
+        want = f"{shape} or ({shape[-1]},)" if shape else f"{shape}"
+        raise UsageError(f"importance has shape {tuple(imp.shape)}; need the weight's shape {want}")
+    if not np.isfinite(imp).all() or (imp < 0).any():
+        raise UsageError("importance must be finite and >= 0")
+    return imp, per_column
+
+
+def _run(threads: int, fn: Callable[[_T], _R], items: list[_T]) -> list[_R]:
+    if threads <= 1 or len(items) <= 1:
+        return [fn(it) for it in items]
+    with ThreadPoolExecutor(max_workers=min(threads, len(items))) as pool:
+        return list(pool.map(fn, items))
+
+
+def cluster_tensor(
+    t: torch.Tensor,
+    k: int,
+    chunk_rows: int | None = None,
+    *,
+    importance: torch.Tensor | None = None,
+    method: str = "exact",
+    threads: int | None = None,
+) -> ClusteredTensor:
+    """Cluster a weight: every row chunk gets its own table of at most ``k`` fp16 centroids.
+
+    - ``t``: an F32/F16/BF16 tensor of any shape; rows are dimension 0 (a 1-D tensor has one
+      element per row, a 0-d tensor one row).
+    - ``chunk_rows``: rows per chunk; None means one table for the whole tensor.
+    - ``importance``: optional weights ≥ 0 of the squared error, either of ``t``'s shape or one
+      per input column (length ``t.shape[-1]``, broadcast over rows, e.g. E[x_j²] from
+      calibration activations). A chunk whose importance is all zero is clustered unweighted.
+    - ``method``: ``"exact"`` (the optimal clustering) or ``"lloyd"`` (for comparisons).
+    - ``threads``: worker threads over chunks (numpy releases the GIL); None = all CPUs
+      this process may use. The result does not depend on it.
+
+    The result's ``quality`` holds ``rel_error``, ``sqnr_db``, ``label_entropy_bits`` and
+    ``k_mean`` (see `wcfmt.cluster.report`). Raises `UsageError` on bad arguments, NaN/inf
+    values, or a centroid outside the fp16 range.
+    """
+    if not isinstance(t, torch.Tensor):
+        raise UsageError(f"cluster_tensor needs a torch.Tensor, got {type(t).__name__}")
+    try:
+        dtype = name_of(t.dtype)
+    except KeyError:
+        dtype = str(t.dtype)
+    if dtype not in CLUSTERABLE:
+        raise UsageError(f"cannot cluster dtype {t.dtype}: need float32, float16 or bfloat16")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 256:
+        raise UsageError(f"k must be an integer in 1..256, got {k!r}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise UsageError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
+    if method not in METHODS:
+        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+    if threads is None:
+        threads = _default_threads()
+    elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UsageError(f"threads must be a positive integer or None, got {threads!r}")
+
+    shape = tuple(t.shape)
+    rows, row_size = rows_and_row_size(shape)
+    cr = max(1, rows) if chunk_rows is None else chunk_rows
+    imp, per_column = _importance_array(importance, shape)
+    values = to_numpy(t).reshape(-1)
+    labels = np.empty(values.size, dtype=np.uint8)
+    ranges = [] if values.size == 0 else chunk_row_ranges(rows, cr)
+
+    def chunk_importance(a: int, b: int) -> np.ndarray | None:
+        if imp is None:
+            return None
+        if per_column:  # one row's weights, repeated along the chunk by the histogram
+            return np.tile(imp, row_size // imp.size)
+        return imp.reshape(-1)[a * row_size : b * row_size]
+
+    def histogram(i: int) -> ValueHistogram:
+        a, b = ranges[i]
+        try:
+            return value_histogram(values[a * row_size : b * row_size], dtype, chunk_importance(a, b))
+        except UsageError as e:
+            raise UsageError(f"chunk {i} (rows {a}..{b - 1}): {e}") from e
+
+    def finish(i: int) -> tuple[torch.Tensor, ChunkStats]:
+        a, b = ranges[i]
+        try:
+            table, rebuilt = round_centroids(centroids[i], dtype)
+        except UsageError as e:
+            raise UsageError(f"chunk {i} (rows {a}..{b - 1}): {e}") from e
+        assign_labels(values[a * row_size : b * row_size], dtype, rebuilt, out=labels[a * row_size : b * row_size])
+        h = hists[i]
+        stats = ChunkStats.from_histogram(h.x, h.count, rebuilt, label_bounds(h, rebuilt))
+        return from_numpy(table, "F16"), stats
+
+    # Chunks go in waves: a 16-bit chunk's histogram is tiny, so one wave holds them all; an F32
+    # one holds every distinct value (24 bytes each), so waves stop at _F32_WAVE elements.
+    waves: list[list[int]] = []
+    size = 0
+    for i, (a, b) in enumerate(ranges):
+        if not waves or (dtype == "F32" and size + (b - a) * row_size > _F32_WAVE):
+            waves.append([])
+            size = 0
+        waves[-1].append(i)
+        size += (b - a) * row_size
+    hists: dict[int, ValueHistogram] = {}
+    centroids: dict[int, np.ndarray] = {}
+    done: list[tuple[torch.Tensor, ChunkStats]] = []
+    for wave in waves:
+        hists = dict(zip(wave, _run(threads, histogram, wave)))
+        # One batched solve per worker: batching shares numpy's per-call cost across chunks,
+        # and results do not depend on how chunks are grouped.
+        groups = [wave[g::threads] for g in range(min(threads, len(wave)))]
+        solved = _run(threads, lambda g: solve_centroids([hists[i] for i in g], k, method), groups)
+        centroids = {i: c for g, cs in zip(groups, solved) for i, c in zip(g, cs)}
+        done += _run(threads, finish, wave)
+    return ClusteredTensor(
+        labels=from_numpy(labels, "U8").reshape(shape),
+        centroids=[tbl for tbl, _ in done],
+        chunk_rows=cr,
+        dtype=t.dtype,
+        shape=torch.Size(shape),
+        quality=combine([s for _, s in done]),
+    )

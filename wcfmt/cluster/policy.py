@@ -1,0 +1,145 @@
+"""Which tensors of a checkpoint are clustered, and with what K and chunk size.
+
+By default the projection weights of transformer blocks are clustered: attention q/k/v/o
+(and their fused forms) and MLP gate/up/down (and theirs), as the common Hugging Face
+architectures name them. Everything else stays lossless: embeddings, norms, biases, the LM
+head, routers, and any tensor of fewer than 2 dimensions or of a dtype other than
+F32/F16/BF16 (spec §5.5).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from typing import Final
+
+from ..constants import MAX_K
+from ..dtypes import CLUSTERABLE
+from ..errors import UsageError
+
+__all__ = ["DEFAULT_K", "DEFAULT_CHUNK_ROWS", "DEFAULT_PATTERNS", "ClusterPolicy"]
+
+#: Centroids per row chunk. The one place the default lives; tuned from perplexity measurements.
+DEFAULT_K: Final[int] = 64
+
+#: Rows per chunk, each chunk with its own centroid table. The one place the default lives.
+DEFAULT_CHUNK_ROWS: Final[int | None] = 256
+
+# A transformer block: "...layers.3." (Llama, Mistral, Qwen2, Gemma, Phi, NeoX), "h.3." (GPT-2,
+# Falcon, BLOOM), "layer.3." (BERT), "blocks.3." (MPT).
+_BLOCK: Final[str] = r"(?:^|\.)(?:layers|layer|h|blocks|block)\.\d+\."
+
+#: The default set: one regex per architecture family (each also documents the names it covers).
+DEFAULT_PATTERNS: Final[dict[str, str]] = {
+    # Llama, Mistral, Mixtral (attention), Qwen2, Gemma, Phi-3, OPT-style out_proj, Phi-2 q/k/v.
+    "attention": _BLOCK + r"(?:.*\.)?(?:self_attn|attn|attention)\.(?:q_proj|k_proj|v_proj|o_proj|out_proj|qkv_proj)\.weight$",
+    # Llama, Mistral, Qwen2, Gemma, Phi-3 (gate_up_proj), MPT ffn up/down.
+    "mlp": _BLOCK + r"(?:.*\.)?(?:mlp|ffn|feed_forward)\.(?:gate_proj|up_proj|down_proj|gate_up_proj)\.weight$",
+    # Mixtral / Qwen2-MoE experts (the router, ``gate``, stays lossless).
+    "experts": _BLOCK + r"(?:.*\.)?experts\.\d+\.(?:w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$",
+    # Phi-2: self_attn.dense, mlp.fc1/fc2 (also OPT's fc1/fc2, directly in the block).
+    "phi": _BLOCK + r"(?:.*\.)?(?:self_attn\.dense|(?:mlp\.)?fc1|(?:mlp\.)?fc2)\.weight$",
+    # GPT-2: attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (Conv1D, stored in x out).
+    "gpt2": _BLOCK + r"(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$",
+    # GPT-NeoX / Pythia, Falcon, BLOOM: query_key_value, dense, dense_h_to_4h, dense_4h_to_h.
+    "neox": _BLOCK
+    + r"(?:attention|self_attention)\.(?:query_key_value|dense)\.weight$|"
+    + _BLOCK
+    + r"mlp\.(?:dense_h_to_4h|dense_4h_to_h)\.weight$",
+    # BERT / RoBERTa: attention.self.query/key/value, attention.output.dense, intermediate.dense, output.dense.
+    "bert": _BLOCK
+    + r"(?:attention\.self\.(?:query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)\.weight$",
+    # MPT / ModernBERT: attn.Wqkv, attn.out_proj / attn.Wo, mlp.Wi / mlp.Wo.
+    "wqkv": _BLOCK + r"(?:attn\.(?:Wqkv|Wo)|mlp\.(?:Wi|Wo))\.weight$",
+    # Meta's original Llama checkpoints: attention.wq/wk/wv/wo, feed_forward.w1/w2/w3.
+    "meta": _BLOCK + r"(?:attention\.(?:wq|wk|wv|wo)|feed_forward\.(?:w1|w2|w3))\.weight$",
+}
+
+_DEFAULT_RE: Final[re.Pattern[str]] = re.compile("|".join(f"(?:{p})" for p in DEFAULT_PATTERNS.values()))
+
+
+def _compile(patterns: Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
+    if patterns is None:
+        return []
+    out = []
+    for p in patterns:
+        try:
+            out.append(re.compile(p))
+        except (re.error, TypeError) as e:
+            raise UsageError(f"{what}: invalid regex {p!r}: {e}") from e
+    return out
+
+
+def _check_k(k: object, what: str) -> int:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise UsageError(f"{what} must be an integer in 1..{MAX_K}, got {k!r}")
+    return k
+
+
+class ClusterPolicy:
+    """Decide, per tensor, whether it is clustered and with what ``(k, chunk_rows)``.
+
+    - ``k``: centroids per chunk (1..256); ``chunk_rows``: rows per chunk, or None for one
+      table per tensor.
+    - ``include`` / ``exclude``: regexes (`re.search` on the tensor name) added to / removed
+      from the default set; ``exclude`` wins. Only F32/F16/BF16 tensors with ≥ 2 dimensions
+      (and at least one element) are ever clustered, whatever the patterns say.
+    - ``k_overrides``: regex → K for tensors that are clustered; the first match, in the
+      dict's order, wins.
+
+    >>> p = ClusterPolicy(k_overrides={r"\\.down_proj\\.": 128})
+    >>> p.decide("model.layers.0.self_attn.q_proj.weight", (576, 576), "BF16")
+    (64, 256)
+    >>> p.decide("model.layers.0.mlp.down_proj.weight", (576, 1536), "BF16")
+    (128, 256)
+    >>> p.decide("model.embed_tokens.weight", (49152, 576), "BF16") is None
+    True
+    """
+
+    def __init__(
+        self,
+        k: int = DEFAULT_K,
+        chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
+        include: list[str] | None = None,
+        exclude: list[str] | None = None,
+        k_overrides: dict[str, int] | None = None,
+    ) -> None:
+        self.k = _check_k(k, "k")
+        if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+            raise UsageError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
+        self.chunk_rows = chunk_rows
+        for what, pats in (("include", include), ("exclude", exclude)):
+            if isinstance(pats, str):
+                raise UsageError(f"{what} must be a list of regexes, not one string")
+        self.include = list(include or [])
+        self.exclude = list(exclude or [])
+        self.k_overrides = dict(k_overrides or {})
+        self._include = _compile(self.include, "include")
+        self._exclude = _compile(self.exclude, "exclude")
+        self._overrides = [
+            (rx, _check_k(kk, f"k_overrides[{pat!r}]"))
+            for rx, (pat, kk) in zip(_compile(list(self.k_overrides), "k_overrides"), self.k_overrides.items())
+        ]
+
+    def matches(self, name: str) -> bool:
+        """True when ``name`` is in the clustered set (default ∪ include, minus exclude), dtype aside."""
+        if any(rx.search(name) for rx in self._exclude):
+            return False
+        return bool(_DEFAULT_RE.search(name)) or any(rx.search(name) for rx in self._include)
+
+    def decide(self, name: str, shape: Sequence[int], dtype: str) -> tuple[int, int | None] | None:
+        """Return ``(k, chunk_rows)`` to cluster tensor ``name``, or None to store it lossless."""
+        shape = tuple(int(s) for s in shape)
+        if dtype not in CLUSTERABLE or len(shape) < 2 or math.prod(shape) == 0:
+            return None
+        if not self.matches(name):
+            return None
+        k = next((kk for rx, kk in self._overrides if rx.search(name)), self.k)
+        return k, self.chunk_rows
+
+    def __repr__(self) -> str:
+        return (
+            f"ClusterPolicy(k={self.k}, chunk_rows={self.chunk_rows}, include={self.include}, "
+            f"exclude={self.exclude}, k_overrides={self.k_overrides})"
+        )
