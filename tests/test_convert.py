@@ -402,3 +402,24 @@ def test_bad_settings_are_usage_errors(tmp_path: Path, kw: dict) -> None:
     with pytest.raises(UsageError):
         pack(tmp_path / "m.safetensors", tmp_path / "x.wclust", **kw)
     assert not (tmp_path / "x.wclust").exists()
+
+
+def test_pack_in_worker_processes_gives_identical_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clustering in a process pool (used for big inputs) must write the same file as in-process."""
+    import wcfmt.convert as convert
+
+    g = torch.Generator().manual_seed(3)
+    src = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(
+        {
+            f"model.layers.{i}.mlp.up_proj.weight": torch.randn(96, 64, generator=g).bfloat16()
+            for i in range(3)
+        }
+        | {"model.norm.weight": torch.ones(64)},
+        str(src),
+    )
+    wcfmt.pack(src, tmp_path / "serial.wclust", threads=1)
+    monkeypatch.setattr(convert, "_PROCESS_POOL_MIN_BYTES", 0)
+    report = wcfmt.pack(src, tmp_path / "pool.wclust", threads=2)
+    assert report.clustered == 3
+    assert (tmp_path / "pool.wclust").read_bytes() == (tmp_path / "serial.wclust").read_bytes()
