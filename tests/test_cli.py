@@ -211,7 +211,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(
     real = safetensors_io.SafetensorsStreamWriter.write
 
     def full(self, name, data):  # type: ignore[no-untyped-def]
-        raise OSError(errno.ENOSPC, "No space left on device", str(self._tmp))
+        raise OSError(errno.ENOSPC, "No space left on device", str(self._out.tmp))
 
     assert main(["pack", str(hf), "-o", str(tmp_path / "p"), "-q", "--exclude", "."]) == 0
     monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "write", full)

@@ -310,7 +310,7 @@ def test_failure_leaves_no_output(hf: Path, tmp_path: Path, monkeypatch: pytest.
     def full_disk(self, name, value):  # type: ignore[no-untyped-def]
         calls["n"] += 1
         if calls["n"] == 5:
-            raise OSError(errno.ENOSPC, "No space left on device", str(self._tmp))
+            raise OSError(errno.ENOSPC, "No space left on device", str(self._out.tmp))
         return real(self, name, value)
 
     monkeypatch.setattr(writer.WclustWriter, "add", full_disk)

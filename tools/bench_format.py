@@ -125,7 +125,7 @@ def smollm2_tensors() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]
     for t in reader.tensors:
         arr = gguf.quants.dequantize(t.data, t.tensor_type)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-        w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)).bfloat16()
+        w = torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape)).bfloat16()
         if t.name.startswith("blk.") and w.dim() == 2:
             mats[t.name] = w
         elif t.name == "token_embd.weight":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import struct
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 
 from ._version import __version__
+from .atomic import AtomicFile
 from .clustered_tensor import ClusteredTensor
 from .codecs import clustered, entropy, lossless
 from .constants import ALIGNMENT, MAGIC, PREAMBLE_SIZE, VERSION_MAJOR, VERSION_MINOR
@@ -73,10 +73,8 @@ class WclustWriter:
             raise OutputExistsError(f"{self.path}: output exists (pass overwrite=True / --force to replace it)")
         if not self.path.parent.is_dir():
             raise UsageError(f"{self.path}: folder {self.path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like any new file
-        self._f = os.fdopen(fd, "wb")
+        self._out = AtomicFile(self.path)
+        self._f = self._out.file
         self._f.write(bytes(PREAMBLE_SIZE))
         self._pos = PREAMBLE_SIZE
         self._entries: dict[str, object] = {}
@@ -170,28 +168,16 @@ class WclustWriter:
             self._f.write(raw)
             self._f.seek(0)
             self._f.write(pack_preamble(offset, len(raw), entropy.crc32(raw)))
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self._tmp, self.path)
-            self._done = True
         except BaseException:
             self.abort()
             raise
+        self._out.commit()
+        self._done = True
 
     def abort(self) -> None:
         """Discard the temporary file; the destination is left as it was."""
         self._done = True
-        try:
-            self._f.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+        self._out.abort()
 
 
 def _bounded_map(pool: ThreadPoolExecutor, jobs: list[Callable[[], list[tuple[bytes, str]]]], depth: int):  # type: ignore[no-untyped-def]

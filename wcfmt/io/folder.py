@@ -25,8 +25,9 @@ from typing import Iterator
 import torch
 
 from ..constants import INDEX_NAME, SUFFIX
+from ..atomic import new_file_mode, write_text_atomic
 from ..errors import FormatError, OutputExistsError, UsageError
-from .safetensors_io import SAFETENSORS_SUFFIX, new_file_mode
+from .safetensors_io import SAFETENSORS_SUFFIX
 
 __all__ = [
     "INDEX_NAME",
@@ -98,21 +99,7 @@ def write_index(path: str | os.PathLike[str], total_size: int, weight_map: dict[
     meta = {k: v for k, v in (extra_metadata or {}).items() if k != "total_size"}
     meta["total_size"] = int(total_size)
     text = json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2, sort_keys=True) + "\n"
-    _write_text_atomic(Path(path), text)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(fd, new_file_mode())
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 def _shards_from_index(folder: Path, index: str, suffix: str) -> Shards:

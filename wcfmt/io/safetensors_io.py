@@ -19,7 +19,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -28,6 +27,7 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from ..atomic import AtomicFile
 from ..dtypes import DTYPES, itemsize, torch_dtype
 from ..errors import FormatError, OutputExistsError, TensorNotFoundError, UsageError, where
 
@@ -349,10 +349,8 @@ class SafetensorsStreamWriter:
         raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
         raw += b" " * (-len(raw) % 8)
         self.data_size = offset
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self._tmp = Path(tmp)
-        os.chmod(fd, new_file_mode())  # mkstemp makes 0600; the result should look like any new file
-        self._f = os.fdopen(fd, "wb")
+        self._out = AtomicFile(self.path)
+        self._f = self._out.file
         self._next = 0  # index into order
         self._left = self._sizes[self.order[0]] if self.order else 0
         self._done = False
@@ -392,21 +390,15 @@ class SafetensorsStreamWriter:
             missing = self.expected()
             if missing is not None:
                 raise UsageError(f"{where(self.path, missing)}: closed before all tensor bytes were written")
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-            os.replace(self._tmp, self.path)
-            self._done = True
         except BaseException:
             self.abort()
             raise
+        self._out.commit()
+        self._done = True
 
     def abort(self) -> None:
         self._done = True
-        try:
-            self._f.close()
-        finally:
-            self._tmp.unlink(missing_ok=True)
+        self._out.abort()
 
     def __enter__(self) -> "SafetensorsStreamWriter":
         return self
@@ -416,20 +408,6 @@ class SafetensorsStreamWriter:
             self.close()
         else:
             self.abort()
-
-
-def new_file_mode() -> int:
-    """The mode ``open(path, "w")`` would give a new file: 0o666 less the umask."""
-    try:  # Linux >= 4.7 reports it; reading it does not change process state
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
 
 
 def format_size(n: int | float) -> str:

@@ -1,0 +1,88 @@
+"""Atomic file creation: write under a temporary name in the destination folder, rename into place.
+
+Every file wcfmt writes (.wclust files, safetensors shards, index files) goes through
+`AtomicFile`, so a crash, an error or a full disk never leaves a partial output and never
+replaces a good file with a bad one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["AtomicFile", "new_file_mode", "write_text_atomic", "TMP_SUFFIX"]
+
+#: Temporary files are named ``.<name>.<random>.tmp`` beside their destination.
+TMP_SUFFIX = ".tmp"
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0o666 less the umask."""
+    try:  # Linux >= 4.7 reports it; reading it does not change process state
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+class AtomicFile:
+    """A binary file that appears at ``path`` only when `commit` is called.
+
+    >>> import tempfile, os
+    >>> p = os.path.join(tempfile.mkdtemp(), "x.bin")
+    >>> a = AtomicFile(p); _ = a.file.write(b"data"); os.path.exists(p)
+    False
+    >>> a.commit(); open(p, "rb").read()
+    b'data'
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
+        self.tmp = Path(tmp)
+        try:
+            os.chmod(fd, new_file_mode())  # mkstemp makes 0600; the result should look like any new file
+            self.file: BinaryIO = os.fdopen(fd, "w+b")
+        except BaseException:
+            os.close(fd)
+            self.tmp.unlink(missing_ok=True)
+            raise
+        self.done = False
+
+    def commit(self) -> None:
+        """Flush to disk and rename into place (replacing an existing file)."""
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+            self.done = True
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Discard the temporary file; the destination is left as it was."""
+        self.done = True
+        try:
+            self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    f = AtomicFile(path)
+    try:
+        f.file.write(text.encode("utf-8"))
+    except BaseException:
+        f.abort()
+        raise
+    f.commit()
