@@ -58,8 +58,10 @@ class WclustWriter:
         level: int | None = None,
         threads: int | None = None,
         overwrite: bool = False,
+        producer: str | None = None,
     ) -> None:
         self.path = Path(path)
+        self._producer = producer or f"wcfmt {__version__}"
         if metadata is not None:
             if not isinstance(metadata, dict) or not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
@@ -156,7 +158,7 @@ class WclustWriter:
             return
         try:
             header = Header(
-                producer=f"wcfmt {__version__}",
+                producer=self._producer,
                 metadata=self._metadata,
                 settings=self._settings,
                 tensors=self._entries,  # type: ignore[arg-type]
