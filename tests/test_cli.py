@@ -109,9 +109,23 @@ def test_info_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     wcfmt.save_file({"emb": emb, "head": emb, "n": torch.arange(3)}, tmp_path / "t.wclust")
     assert main(["info", str(tmp_path / "t.wclust")]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["name", "shape", "dtype", "codec", "K", "bits/w", "ratio"]
+    assert out[0].split() == ["name", "shape", "dtype", "codec", "K", "bits/w", "ratio", "rel.err", "SQNR", "dB"]
     assert out[2].split()[:5] == ["head", "16x8", "BF16", "alias", "->"]
     assert out[-1].startswith("total: 3 tensors (1 alias, 2 lossless) in 1 file(s)")
+
+
+def test_info_shows_quality_of_clustered_tensors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    w = heavy_tailed((64, 32))
+    ct = wcfmt.cluster_tensor(w, 16, 16)
+    wcfmt.save_file({"w": ct}, tmp_path / "q.wclust")
+    assert main(["info", str(tmp_path / "q.wclust")]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[0] == "w" and row[3] == "clustered"
+    assert float(row[7]) == pytest.approx(ct.quality["rel_error"], abs=1e-4)
+    assert float(row[8]) == pytest.approx(ct.quality["sqnr_db"], abs=0.05)
+    assert main(["info", str(tmp_path / "q.wclust"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["tensors"][0]["quality"]["label_entropy_bits"] == pytest.approx(ct.quality["label_entropy_bits"])
 
 
 def test_version_and_help() -> None:

@@ -40,6 +40,8 @@ class TensorRow:
     bits_per_weight: float | None
     ratio: float | None
     target: str | None = None  # for aliases
+    #: Clustered tensors: quality figures recorded at pack time (rel_error, sqnr_db, ...).
+    quality: dict[str, float] | None = None
 
 
 @dataclass
@@ -145,13 +147,15 @@ def _row(file: str, name: str, e: ClusteredEntry | LosslessEntry | AliasEntry) -
         packed_bytes=packed,
         bits_per_weight=packed * 8 / numel if numel else None,
         ratio=packed / original if original else None,
+        quality=dict(e.quality) if isinstance(e, ClusteredEntry) and e.quality else None,
     )
 
 
 def format_table(i: Info) -> str:
     """Render `Info` as the text table ``wcfmt info`` prints."""
     many = len(i.files) > 1
-    head = (["file"] if many else []) + ["name", "shape", "dtype", "codec", "K", "bits/w", "ratio"]
+    head = (["file"] if many else []) + ["name", "shape", "dtype", "codec", "K", "bits/w", "ratio", "rel.err",
+                                         "SQNR dB"]
     lines = []
     for r in i.rows:
         if r.k_min is None:
@@ -166,10 +170,12 @@ def format_table(i: Info) -> str:
             k,
             "-" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}",
             "-" if r.ratio is None else f"{r.ratio:.3f}",
+            f"{r.quality['rel_error']:.4f}" if r.quality and "rel_error" in r.quality else "-",
+            f"{r.quality['sqnr_db']:.1f}" if r.quality and "sqnr_db" in r.quality else "-",
         ]
         lines.append(cells)
     widths = [max([len(h)] + [len(c[j]) for c in lines]) for j, h in enumerate(head)]
-    right = {"bits/w", "ratio"}
+    right = {"bits/w", "ratio", "rel.err", "SQNR dB"}
 
     def fmt(cells: list[str]) -> str:
         padded = (c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(cells, widths, head, strict=True))
