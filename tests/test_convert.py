@@ -129,7 +129,9 @@ def test_pack_records_settings_and_metadata(packed: tuple[Path, PackReport, dict
         with WclustReader(p) as r:
             assert r.metadata() == {"format": "pt"}
             assert r.header.settings is not None and r.header.settings.k is not None
-            assert r.header.settings.chunk_rows is not None
+            assert r.header.settings.chunk_rows is None  # default: one codebook per matrix
+            assert r.header.settings.method == "exact"
+            assert r.header.settings.extra == {"storage_chunk_rows": "256"}
             codecs |= {e.codec for e in r.header.tensors.values()}
     assert codecs == {"clustered", "lossless"}
     assert report.clustered > 0 and report.lossless > 0 and report.tensors == report.clustered + report.lossless
@@ -423,3 +425,19 @@ def test_pack_in_worker_processes_gives_identical_bytes(tmp_path: Path, monkeypa
     report = wcfmt.pack(src, tmp_path / "pool.wclust", threads=2)
     assert report.clustered == 3
     assert (tmp_path / "pool.wclust").read_bytes() == (tmp_path / "serial.wclust").read_bytes()
+
+
+def test_default_pack_stores_whole_matrix_codebook_in_small_chunks(tmp_path: Path) -> None:
+    """One codebook per matrix (the measured-best default), stored in 256-row chunks that repeat
+    its table, so loading still decodes chunk by chunk; the weights equal the unchunked clustering."""
+    w = heavy_tailed((600, 16))
+    src = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({"model.layers.0.mlp.up_proj.weight": w}, str(src))
+    pack(src, tmp_path / "m.wclust")
+    with WclustReader(tmp_path / "m.wclust") as r:
+        e = r.header.tensors["model.layers.0.mlp.up_proj.weight"]
+        assert isinstance(e, ClusteredEntry) and e.chunk_rows == 256 and len(e.chunks) == 3
+        tables = {r.read_centroids("model.layers.0.mlp.up_proj.weight", i).tobytes() for i in range(3)}
+        assert len(tables) == 1
+    whole = wcfmt.cluster_tensor(w, 64, None)
+    assert torch.equal(wcfmt.load_file(tmp_path / "m.wclust")["model.layers.0.mlp.up_proj.weight"], whole.decode())

@@ -93,7 +93,7 @@ def test_default_policy_on_real_names(arch: str) -> None:
 
 
 def test_defaults() -> None:
-    assert DEFAULT_K == 64 and DEFAULT_CHUNK_ROWS == 256
+    assert DEFAULT_K == 64 and DEFAULT_CHUNK_ROWS is None  # one codebook per matrix: tools/RESULTS-smollm2.md
     p = ClusterPolicy()
     assert (p.k, p.chunk_rows) == (DEFAULT_K, DEFAULT_CHUNK_ROWS)
 
@@ -109,7 +109,7 @@ def test_only_float_tensors_of_two_dims_are_eligible(shape: tuple[int, ...], dty
 
 @pytest.mark.parametrize("dtype", ["F32", "F16", "BF16"])
 def test_every_clusterable_dtype_and_more_dims(dtype: str) -> None:
-    assert ClusterPolicy().decide("model.layers.0.mlp.up_proj.weight", (8, 4, 2), dtype) == (64, 256)
+    assert ClusterPolicy().decide("model.layers.0.mlp.up_proj.weight", (8, 4, 2), dtype) == (64, DEFAULT_CHUNK_ROWS)
 
 
 def test_include_exclude_and_overrides() -> None:
@@ -126,7 +126,7 @@ def test_include_exclude_and_overrides() -> None:
     assert p.decide("model.layers.1.mlp.down_proj.weight", (8, 8), "F16") == (128, None)  # first match
     assert p.decide("model.layers.1.mlp.up_proj.weight", (8, 8), "F16") == (16, None)
     q = ClusterPolicy(include=[r"^lm_head\.weight$"])
-    assert q.decide("lm_head.weight", (100, 8), "BF16") == (64, 256)
+    assert q.decide("lm_head.weight", (100, 8), "BF16") == (64, DEFAULT_CHUNK_ROWS)
     assert ClusterPolicy(k_overrides={"lm_head": 8}).decide("lm_head.weight", (100, 8), "BF16") is None
 
 

@@ -88,6 +88,32 @@ class ClusteredTensor:
         """K of every chunk."""
         return [int(t.numel()) for t in self.centroids]
 
+    def rechunk(self, chunk_rows: int) -> "ClusteredTensor":
+        """Return the same tensor stored in smaller row chunks, each with its codebook's table.
+
+        A codebook fitted to many rows (a whole matrix) can be stored in small chunks, which
+        repeat its K-entry table (2K bytes each) so that chunks still decode independently, in
+        parallel and by row range. New chunks must nest in the old ones.
+
+        >>> ct = ClusteredTensor(labels=torch.zeros(5, 2, dtype=torch.uint8),
+        ...     centroids=[torch.tensor([1.0], dtype=torch.float16)], chunk_rows=5, dtype=torch.float16)
+        >>> r = ct.rechunk(2); r.chunk_rows, len(r.centroids), torch.equal(r.decode(), ct.decode())
+        (2, 3, True)
+        """
+        if not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise UsageError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+        old = self.row_ranges()
+        if chunk_rows == self.chunk_rows or not old:
+            return self
+        if len(old) > 1 and self.chunk_rows % chunk_rows:
+            raise UsageError(f"chunks of {chunk_rows} rows do not nest in chunks of {self.chunk_rows}")
+        rows, _ = rows_and_row_size(tuple(self.shape))
+        tables = [self.centroids[a // self.chunk_rows] for a, _ in chunk_row_ranges(rows, chunk_rows)]
+        return ClusteredTensor(
+            labels=self.labels, centroids=tables, chunk_rows=chunk_rows, dtype=self.dtype, shape=self.shape,
+            quality=self.quality,
+        )
+
     def decode(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
         """Rebuild the dense weight in its original dtype (bit-exact, spec §5.5), then cast/move."""
         from .rebuild.reference import centroids_as

@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from .clustered_tensor import ClusteredTensor
-from .constants import INDEX_NAME, SUFFIX
+from .constants import DEFAULT_STORAGE_CHUNK_ROWS, INDEX_NAME, SUFFIX
 from .dtypes import CLUSTERABLE, DTYPES, from_numpy, itemsize, name_of, to_numpy, torch_dtype
 from .errors import FormatError, UsageError, WclustError, where
 from .io.folder import (
@@ -270,10 +270,20 @@ def _worker_ready() -> None:
     return None
 
 
-def _cluster_in_worker(t: torch.Tensor, k: int, chunk_rows: int | None) -> ClusteredTensor:
+def _cluster_for_storage(t: torch.Tensor, k: int, chunk_rows: int | None, threads: int | None) -> ClusteredTensor:
+    """Cluster with one codebook per ``chunk_rows`` rows (None: per tensor), stored in chunks of at
+    most DEFAULT_STORAGE_CHUNK_ROWS rows so that loading decodes in parallel and by row range."""
     from .cluster import cluster_tensor
 
-    return cluster_tensor(t, k, chunk_rows, threads=1)
+    ct = cluster_tensor(t, k, chunk_rows, threads=threads)
+    storage = DEFAULT_STORAGE_CHUNK_ROWS
+    if ct.chunk_rows > storage and (len(ct.centroids) == 1 or ct.chunk_rows % storage == 0):
+        ct = ct.rechunk(storage)
+    return ct
+
+
+def _cluster_in_worker(t: torch.Tensor, k: int, chunk_rows: int | None) -> ClusteredTensor:
+    return _cluster_for_storage(t, k, chunk_rows, threads=1)
 
 
 class _Clusterer:
@@ -313,9 +323,7 @@ class _Clusterer:
         """Return a future (pool) or a finished ClusteredTensor (in-process)."""
         if self._pool is not None:
             return self._pool.submit(_cluster_in_worker, t, k, chunk_rows)
-        from .cluster import cluster_tensor
-
-        return cluster_tensor(t, k, chunk_rows, threads=self._threads)
+        return _cluster_for_storage(t, k, chunk_rows, self._threads)
 
     def __enter__(self) -> "_Clusterer":
         return self
@@ -366,6 +374,8 @@ def _policy(
         include=list(include) if include else None,
         exclude=list(exclude) if exclude else None,
         level=level,
+        method="exact",
+        extra={"storage_chunk_rows": str(DEFAULT_STORAGE_CHUNK_ROWS)},
     )
     return policy, settings
 

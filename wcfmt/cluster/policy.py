@@ -24,7 +24,7 @@ __all__ = ["DEFAULT_K", "DEFAULT_CHUNK_ROWS", "DEFAULT_PATTERNS", "ClusterPolicy
 DEFAULT_K: Final[int] = 64
 
 #: Rows per chunk, each chunk with its own centroid table. The one place the default lives.
-DEFAULT_CHUNK_ROWS: Final[int | None] = 256
+DEFAULT_CHUNK_ROWS: Final[int | None] = None
 
 # A transformer block: "...layers.3." (Llama, Mistral, Qwen2, Gemma, Phi, NeoX), "h.3." (GPT-2,
 # Falcon, BLOOM), "layer.3." (BERT), "blocks.3." (MPT).
@@ -90,9 +90,9 @@ class ClusterPolicy:
 
     >>> p = ClusterPolicy(k_overrides={r"\\.down_proj\\.": 128})
     >>> p.decide("model.layers.0.self_attn.q_proj.weight", (576, 576), "BF16")
-    (64, 256)
+    (64, None)
     >>> p.decide("model.layers.0.mlp.down_proj.weight", (576, 1536), "BF16")
-    (128, 256)
+    (128, None)
     >>> p.decide("model.embed_tokens.weight", (49152, 576), "BF16") is None
     True
     """
