@@ -51,14 +51,19 @@ def to_planes(values: np.ndarray, dtype: str, transform: str) -> list[np.ndarray
 def from_planes(planes: list[np.ndarray], dtype: str, transform: str) -> np.ndarray:
     """Inverse of `to_planes`: return storage-form values."""
     size = itemsize(dtype)
-    n = planes[0].size if planes else 0
-    b = np.empty((n, size), np.uint8)
-    for p, plane in enumerate(planes):
-        b[:, size - 1 - p] = plane
-    u = b.reshape(-1).view(np.dtype(_UINT[size]).newbyteorder("<"))
+    word = np.dtype(_UINT[size]).newbyteorder("<")
+    if not planes:
+        return np.zeros(0, storage_dtype(dtype))
+    # Shift-and-or into whole words: about twice as fast as scattering bytes into an (n, size) array.
+    u = planes[0].astype(word)
+    for plane in planes[1:]:
+        u <<= word.type(8)
+        u |= plane
     if transform == "float_planes":
-        bits = 8 * size
-        u = (u >> _UINT[size](1)) | (u << _UINT[size](bits - 1))
+        r = u >> word.type(1)
+        u <<= word.type(8 * size - 1)
+        r |= u
+        u = r
     return u.view(storage_dtype(dtype))
 
 
