@@ -61,11 +61,11 @@ def best_of(fn, repeat: int = 3) -> float:  # type: ignore[no-untyped-def]
 
 
 def clustered_rows(name: str, t: torch.Tensor, ks: list[int], chunk_rows: int | None, tmp: Path) -> list[str]:
-    from wcfmt.cluster import cluster_tensor
+    from wcfmt.convert import cluster_for_storage
 
     out = []
     for k in ks:
-        ct = cluster_tensor(t, k, chunk_rows)
+        ct = cluster_for_storage(t, k, chunk_rows, threads=1)  # exactly what `wcfmt pack` stores
         path = tmp / f"{name}-{k}.wclust"
         wcfmt.save_file({"w": ct}, path, threads=1)
         bits = os.path.getsize(path) * 8 / t.numel()
@@ -143,7 +143,7 @@ def main() -> None:
     torch.set_num_threads(1)
     from wcfmt.cluster import DEFAULT_CHUNK_ROWS
 
-    chunk_rows = args.chunk_rows or DEFAULT_CHUNK_ROWS
+    chunk_rows = args.chunk_rows or DEFAULT_CHUNK_ROWS  # codebook rows; stored as `wcfmt pack` stores them
     ks = [16, 32, 64]
     print(f"wcfmt {wcfmt.__version__}, zstd default parameters, one core; {os.cpu_count()} cores on this machine\n")
     print("Clustered: bits per weight on disk (whole file) vs order-0 label entropy; label planes on one core in")
@@ -162,9 +162,9 @@ def main() -> None:
             for k in ks:
                 tot_bits = tot_h = n = 0.0
                 for name, w in mats.items():
-                    from wcfmt.cluster import cluster_tensor
+                    from wcfmt.convert import cluster_for_storage
 
-                    ct = cluster_tensor(w, k, chunk_rows)
+                    ct = cluster_for_storage(w, k, chunk_rows, threads=1)
                     p = tmp / "m.wclust"
                     wcfmt.save_file({name: ct}, p, threads=1)
                     tot_bits += os.path.getsize(p) * 8

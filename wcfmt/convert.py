@@ -270,7 +270,7 @@ def _worker_ready() -> None:
     return None
 
 
-def _cluster_for_storage(t: torch.Tensor, k: int, chunk_rows: int | None, threads: int | None) -> ClusteredTensor:
+def cluster_for_storage(t: torch.Tensor, k: int, chunk_rows: int | None, threads: int | None) -> ClusteredTensor:
     """Cluster with one codebook per ``chunk_rows`` rows (None: per tensor), stored in chunks of at
     most DEFAULT_STORAGE_CHUNK_ROWS rows so that loading decodes in parallel and by row range."""
     from .cluster import cluster_tensor
@@ -283,7 +283,7 @@ def _cluster_for_storage(t: torch.Tensor, k: int, chunk_rows: int | None, thread
 
 
 def _cluster_in_worker(t: torch.Tensor, k: int, chunk_rows: int | None) -> ClusteredTensor:
-    return _cluster_for_storage(t, k, chunk_rows, threads=1)
+    return cluster_for_storage(t, k, chunk_rows, threads=1)
 
 
 class _Clusterer:
@@ -323,7 +323,7 @@ class _Clusterer:
         """Return a future (pool) or a finished ClusteredTensor (in-process)."""
         if self._pool is not None:
             return self._pool.submit(_cluster_in_worker, t, k, chunk_rows)
-        return _cluster_for_storage(t, k, chunk_rows, self._threads)
+        return cluster_for_storage(t, k, chunk_rows, self._threads)
 
     def __enter__(self) -> "_Clusterer":
         return self
