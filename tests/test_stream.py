@@ -30,6 +30,7 @@ import wcfmt  # noqa: E402
 from wcfmt import ChecksumError, FormatError, TensorNotFoundError, UsageError  # noqa: E402
 from wcfmt.dtypes import from_numpy  # noqa: E402
 from wcfmt.reader import WclustReader  # noqa: E402
+from wcfmt.ordered_pool import bounded_map  # noqa: E402
 from wcfmt.rebuild import backend as backend_mod  # noqa: E402
 from wcfmt.rebuild import stream  # noqa: E402
 from wcfmt.rebuild.backend import available_backends, default_backend, triton_available  # noqa: E402
@@ -224,7 +225,7 @@ def test_host_memory_in_flight_is_bounded() -> None:
             live -= 1
 
     with ThreadPoolExecutor(4) as pool:
-        for r in stream._bounded(pool, [job] * 40, depth=3):
+        for r in bounded_map(pool, [job] * 40, depth=3):
             consumed(r)
     assert peak <= 3
 
@@ -242,7 +243,7 @@ def test_worker_error_stops_submission() -> None:
         return run
 
     with ThreadPoolExecutor(1) as pool, pytest.raises(RuntimeError, match="boom"):
-        list(stream._bounded(pool, [job(i) for i in range(100)], depth=2))
+        list(bounded_map(pool, [job(i) for i in range(100)], depth=2))
     assert len(calls) < 10
 
 

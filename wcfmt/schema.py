@@ -310,9 +310,10 @@ def _drop_unknown(data: Any, model: type[BaseModel]) -> Any:
         out["tensors"] = entries
     if model is Header and isinstance(out.get("settings"), dict):
         out["settings"] = _drop_unknown(out["settings"], PackSettings)
-    for key, sub in (("chunks", None), ("centroids", Blob), ("labels", Blob)):
-        if key in out and sub is not None:
-            out[key] = _drop_unknown(out[key], sub)
+    if model is ClusteredChunk:
+        for key in ("centroids", "labels"):
+            if key in out:
+                out[key] = _drop_unknown(out[key], Blob)
     if model in (ClusteredEntry, LosslessEntry) and isinstance(out.get("chunks"), list):
         chunk_cls = ClusteredChunk if model is ClusteredEntry else LosslessChunk
         out["chunks"] = [_drop_unknown(c, chunk_cls) for c in out["chunks"]]

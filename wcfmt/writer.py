@@ -24,6 +24,7 @@ from .codecs import clustered, entropy, lossless
 from .constants import ALIGNMENT, MAGIC, PREAMBLE_SIZE, VERSION_MAJOR, VERSION_MINOR
 from .dtypes import DTYPES
 from .errors import OutputExistsError, UsageError, where
+from .ordered_pool import bounded_map
 from .schema import AliasEntry, Blob, Header, PackSettings, serialize_header
 
 __all__ = ["WclustWriter", "pack_preamble"]
@@ -107,13 +108,13 @@ class WclustWriter:
         """Encode chunks in a thread pool (zstd and numpy release the GIL), write them in order."""
         out: list[list[Blob]] = []
         if self._threads == 1 or len(jobs) <= 1:
-            results = (job() for job in jobs)
-        else:
-            pool = ThreadPoolExecutor(self._threads)
+            for job in jobs:
+                out.append([self._put(p, enc) for p, enc in job()])
+            return out
+        with ThreadPoolExecutor(self._threads) as pool:
             # Bounded look-ahead: at most 2 x threads encoded chunks wait in memory.
-            results = _bounded_map(pool, jobs, 2 * self._threads)
-        for payloads in results:
-            out.append([self._put(p, enc) for p, enc in payloads])
+            for payloads in bounded_map(pool, jobs, 2 * self._threads):
+                out.append([self._put(p, enc) for p, enc in payloads])
         return out
 
     # -- public --------------------------------------------------------------------------------
@@ -180,22 +181,3 @@ class WclustWriter:
         """Discard the temporary file; the destination is left as it was."""
         self._done = True
         self._out.abort()
-
-
-def _bounded_map(pool: ThreadPoolExecutor, jobs: list[Callable[[], list[tuple[bytes, str]]]], depth: int):  # type: ignore[no-untyped-def]
-    from collections import deque
-
-    try:
-        pending: deque = deque()
-        it = iter(jobs)
-        for job in it:
-            pending.append(pool.submit(job))
-            if len(pending) >= depth:
-                break
-        while pending:
-            yield pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(nxt))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -43,6 +42,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..ordered_pool import bounded_map
 from ..codecs.bitpack import packed_size
 from ..dtypes import from_numpy, to_numpy, torch_dtype
 from ..errors import UsageError
@@ -213,24 +213,6 @@ def _pieces(outs: Iterable[_Output], budget: int) -> list[_Piece]:
     return pieces
 
 
-def _bounded(pool: ThreadPoolExecutor, fns: Sequence[Callable[[], Any]], depth: int) -> Iterator[Any]:
-    """Yield ``fn()`` for every fn in order, with at most ``depth`` submitted and not yet yielded."""
-    queue: deque[Future[Any]] = deque()
-    try:
-        for fn in fns:
-            if len(queue) >= depth:
-                yield queue.popleft().result()
-            queue.append(pool.submit(fn))
-        while queue:
-            yield queue.popleft().result()
-    finally:
-        for f in queue:
-            f.cancel()
-        for f in queue:
-            with contextlib.suppress(BaseException):
-                f.result()  # let running jobs end before their outputs go away
-
-
 # -- the CPU path -----------------------------------------------------------------------------
 def _run_cpu(reader: Any, outs: dict[str, _Output], threads: int) -> None:
     pieces = _pieces(outs.values(), budget=0)  # one chunk per piece: finest load balance
@@ -256,7 +238,7 @@ def _run_cpu(reader: Any, outs: dict[str, _Output], threads: int) -> None:
             j()
         return
     with ThreadPoolExecutor(threads, thread_name_prefix="wcfmt-load") as pool:
-        for _ in _bounded(pool, jobs, 2 * threads):
+        for _ in bounded_map(pool, jobs, 2 * threads):
             pass
 
 
