@@ -1,0 +1,262 @@
+"""Calibration (wcfmt/cluster/calibrate.py): GPTQ labels onto a fixed grid, and the Hessians it needs.
+
+Expectations come from independent computations: nearest rounding by argmin in numpy, the
+output error ‖(W − Ŵ)Xᵀ‖ from the activations themselves, a second, unblocked GPTQ that updates
+H⁻¹ explicitly (the OBQ form) instead of using its Cholesky factor, and, for the Hessians, the
+model's own final hidden states.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wcfmt import UsageError
+from wcfmt.cluster import cluster_tensor
+from wcfmt.cluster.calibrate import calibrate_clustered, collect_hessians, gptq_labels, inverse_cholesky
+from wcfmt.clustered_tensor import ClusteredTensor
+
+
+def correlated_inputs(rng: np.random.Generator, n: int, cols: int) -> np.ndarray:
+    """Activations with strongly correlated columns (as a transformer's are) and unequal scales."""
+    z = rng.standard_normal((n, cols))
+    mix = np.eye(cols) + 0.8 * rng.standard_normal((cols, cols)) / np.sqrt(cols)
+    return (z @ mix) * rng.uniform(0.3, 3.0, cols)
+
+
+def nearest(w: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Nearest grid value by brute force; ties to the lower one (argmin takes the first)."""
+    return np.argmin(np.abs(w[..., None] - grid), axis=-1)
+
+
+def reference_gptq(w: np.ndarray, h: np.ndarray, grid: np.ndarray, damp: float = 0.01) -> np.ndarray:
+    """GPTQ without Cholesky or blocks: after each column, H⁻¹ loses that row/column (OBQ update)."""
+    h = h / np.mean(np.diag(h)) + damp * np.eye(len(h))
+    hinv = np.linalg.inv(h)
+    w = w.astype(np.float64).copy()
+    labels = np.zeros(w.shape, dtype=np.int64)
+    for j in range(w.shape[1]):
+        labels[:, j] = nearest(w[:, j], grid)
+        err = (w[:, j] - grid[labels[:, j]]) / hinv[j, j]
+        w[:, j + 1 :] -= np.outer(err, hinv[j, j + 1 :])
+        hinv = hinv - np.outer(hinv[:, j], hinv[j, :]) / hinv[j, j]
+    return labels
+
+
+def output_error(w: np.ndarray, w_hat: np.ndarray, x: np.ndarray) -> float:
+    return float(np.linalg.norm((w - w_hat) @ x.T))
+
+
+def test_gptq_lowers_output_error_against_nearest() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        rows, cols = 24, 40
+        w = rng.standard_normal((rows, cols))
+        x = correlated_inputs(rng, 400, cols)
+        grid = np.linspace(-2.5, 2.5, 8)
+        near = nearest(w, grid)
+        g = gptq_labels(w, x.T @ x, grid)
+        assert g.dtype == np.uint8 and g.shape == w.shape
+        e_near, e_gptq = output_error(w, grid[near], x), output_error(w, grid[g], x)
+        assert e_gptq < 0.9 * e_near, (e_gptq, e_near)
+        # ... while the weights themselves move further from the originals.
+        assert np.linalg.norm(w - grid[g]) > np.linalg.norm(w - grid[near])
+
+
+def test_gptq_matches_unblocked_reference() -> None:
+    rng = np.random.default_rng(1)
+    rows, cols = 6, 300  # more columns than one block of 128: the lazy block updates are used
+    w = rng.standard_normal((rows, cols))
+    x = correlated_inputs(rng, 1000, cols)
+    grid = np.sort(rng.uniform(-3, 3, 16))
+    assert np.array_equal(gptq_labels(w, x.T @ x, grid), reference_gptq(w, x.T @ x, grid))
+
+
+@pytest.mark.parametrize("h", [np.eye(7), np.diag([0.1, 5.0, 1.0, 2.0, 0.0, 3.0, 1.0])])
+def test_diagonal_h_is_nearest_rounding(h: np.ndarray) -> None:
+    rng = np.random.default_rng(2)
+    w = rng.uniform(-1, 1, (9, 7))
+    w[0, 0] = 0.25  # exactly between 0.0 and 0.5: ties go to the lower, as assign_labels does
+    grid = np.array([-1.0, -0.5, 0.0, 0.5, 1.0])
+    assert np.array_equal(gptq_labels(w, h, grid), nearest(w, grid))
+    assert gptq_labels(w, h, grid)[0, 0] == 2
+
+
+def test_labels_below_k_and_deterministic() -> None:
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((16, 64)) * 3  # many weights beyond the grid's ends
+    x = correlated_inputs(rng, 200, 64)
+    grid = np.array([-0.5, 0.0, 0.7])
+    a = gptq_labels(w, x.T @ x, grid)
+    assert a.max() < 3
+    assert np.array_equal(a, gptq_labels(w.copy(), (x.T @ x).copy(), grid.copy()))
+    assert np.array_equal(a, gptq_labels(w, 17.0 * (x.T @ x), grid))  # H's scale does not matter
+
+
+def test_entropy_term_hand_worked() -> None:
+    # H = I (+1% damp): U_jj² = 1/1.01. w = 0.6 on grid {0, 1}, code lengths 0.1 and 5 bits:
+    # λ = 0: 0.16 < 0.36 → label 1. λ = 1: 1.01·0.36 + 0.1 = 0.464 < 1.01·0.16 + 5 → label 0.
+    w, grid, bits = np.array([[0.6]]), np.array([0.0, 1.0]), np.array([0.1, 5.0])
+    assert gptq_labels(w, np.eye(1), grid).tolist() == [[1]]
+    assert gptq_labels(w, np.eye(1), grid, lam=1.0, code_bits=bits).tolist() == [[0]]
+    # λ = 0.04: 0.3636 + 0.004 = 0.3676 > 0.1616 + 0.2 = 0.3616 → still label 1.
+    assert gptq_labels(w, np.eye(1), grid, lam=0.04, code_bits=bits).tolist() == [[1]]
+
+
+def test_entropy_term_lowers_label_entropy() -> None:
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 48))
+    x = correlated_inputs(rng, 300, 48)
+    grid = np.linspace(-3, 3, 13)
+    counts = np.bincount(nearest(w, grid).reshape(-1), minlength=13) + 1.0
+    bits = -np.log2(counts / counts.sum())
+
+    def entropy(lab: np.ndarray) -> float:
+        p = np.bincount(lab.reshape(-1), minlength=13) / lab.size
+        p = p[p > 0]
+        return float(-(p * np.log2(p)).sum())
+
+    h = x.T @ x
+    assert entropy(gptq_labels(w, h, grid, lam=0.3, code_bits=bits)) < entropy(gptq_labels(w, h, grid)) - 0.1
+
+
+def test_inverse_cholesky_is_the_factor_of_the_dampened_inverse() -> None:
+    rng = np.random.default_rng(5)
+    x = correlated_inputs(rng, 50, 10)
+    h = x.T @ x
+    u = inverse_cholesky(h, 0.05)
+    assert np.allclose(u, np.triu(u))
+    want = np.linalg.inv(h / np.mean(np.diag(h)) + 0.05 * np.eye(10))
+    assert np.allclose(u.T @ u, want, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_arguments_are_usage_errors() -> None:
+    w, grid = np.zeros((2, 3)), np.array([0.0, 1.0])
+    with pytest.raises(UsageError, match="columns"):
+        gptq_labels(w, np.eye(4), grid)
+    with pytest.raises(UsageError, match="ascending"):
+        gptq_labels(w, np.eye(3), np.array([1.0, 0.0]))
+    with pytest.raises(UsageError, match="NaN"):
+        gptq_labels(np.full((2, 3), np.nan), np.eye(3), grid)
+    with pytest.raises(UsageError, match="code_bits"):
+        gptq_labels(w, np.eye(3), grid, lam=1.0)
+    with pytest.raises(UsageError, match="square"):
+        inverse_cholesky(np.zeros((2, 3)))
+    with pytest.raises(ValueError):  # UsageError is also a ValueError
+        gptq_labels(np.zeros(3), np.eye(3), grid)
+
+
+# -- ClusteredTensor ---------------------------------------------------------------------------
+def _clustered_problem(seed: int = 6) -> tuple[torch.Tensor, np.ndarray, np.ndarray, ClusteredTensor]:
+    rng = np.random.default_rng(seed)
+    rows, cols = 64, 48
+    w = torch.tensor(rng.standard_normal((rows, cols)) * 0.05, dtype=torch.bfloat16)
+    x = correlated_inputs(rng, 500, cols)
+    ct = cluster_tensor(w, k=8).rechunk(16)  # one codebook stored in 4 chunks
+    return w, x, x.T @ x / len(x), ct
+
+
+def test_calibrate_clustered_keeps_tables_and_lowers_output_error() -> None:
+    w, x, h, ct = _clustered_problem()
+    out = calibrate_clustered(ct, w, h, name="layer.weight")
+    assert out.chunk_rows == ct.chunk_rows and out.shape == ct.shape and out.dtype == ct.dtype
+    assert all(torch.equal(a, b) for a, b in zip(out.centroids, ct.centroids))
+    w64 = w.double().numpy()
+    e_before = output_error(w64, ct.decode().double().numpy(), x)
+    e_after = output_error(w64, out.decode().double().numpy(), x)
+    assert e_after < 0.85 * e_before, (e_after, e_before)
+    # Recomputed quality agrees with an independent computation of the relative error.
+    rel = np.linalg.norm(w64 - out.decode().double().numpy()) / np.linalg.norm(w64)
+    assert out.quality is not None and out.quality["rel_error"] == pytest.approx(rel, rel=1e-12)
+    # The same grid as the table: identical to gptq_labels on the table's rebuilt values.
+    grid = ct.centroids[0].to(torch.bfloat16).double().numpy()
+    assert np.array_equal(out.labels.numpy(), gptq_labels(w64, h, grid))
+
+
+def test_calibrate_clustered_refit_tables_are_valid_and_help() -> None:
+    w, x, h, ct = _clustered_problem(7)
+    out = calibrate_clustered(ct, w, h, refit=True)
+    out.validate()  # strictly ascending finite fp16 tables, labels < K
+    assert len({tuple(t.tolist()) for t in out.centroids}) == 1  # one codebook, still shared
+    w64 = w.double().numpy()
+    e_grid = output_error(w64, calibrate_clustered(ct, w, h).decode().double().numpy(), x)
+    e_near = output_error(w64, ct.decode().double().numpy(), x)
+    assert output_error(w64, out.decode().double().numpy(), x) < e_near
+    assert e_grid < e_near
+
+
+def test_calibrate_clustered_per_chunk_tables_and_determinism() -> None:
+    rng = np.random.default_rng(8)
+    w = torch.tensor(rng.standard_normal((40, 24)), dtype=torch.float32)
+    x = correlated_inputs(rng, 300, 24)
+    h = x.T @ x
+    ct = cluster_tensor(w, k=6, chunk_rows=10)  # four different tables
+    a, b = calibrate_clustered(ct, w, h), calibrate_clustered(ct, w.clone(), h.copy())
+    assert torch.equal(a.labels, b.labels)
+    for i, (lo, hi) in enumerate(ct.row_ranges()):
+        grid = ct.centroids[i].double().numpy()
+        assert np.array_equal(a.labels[lo:hi].numpy(), gptq_labels(w[lo:hi].double().numpy(), h, grid))
+
+
+def test_calibrate_clustered_errors_name_the_tensor() -> None:
+    w, _, h, ct = _clustered_problem()
+    with pytest.raises(UsageError, match="'blk.0': H has shape"):
+        calibrate_clustered(ct, w, h[:5, :5], name="blk.0")
+    with pytest.raises(UsageError, match="shape"):
+        calibrate_clustered(ct, w[:10], h)
+    v = torch.zeros(8, dtype=torch.bfloat16)
+    with pytest.raises(UsageError, match="matrix"):
+        calibrate_clustered(cluster_tensor(v, k=2), v, np.eye(8))
+
+
+# -- collect_hessians --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = ["[UNK]"] + "the king is dead long live queen and to be or not that question".split()
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def test_collect_hessians_matches_the_models_hidden_states(tiny_llama) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "to be or not to be that is the question the king is dead long live the queen " * 3
+    hs = collect_hessians(tiny_llama, text, n_tokens=40, window=20)
+    assert "model.layers.1.mlp.down_proj.weight" in hs and hs["model.layers.1.mlp.down_proj.weight"].shape == (32, 32)
+    # q, k and v read the same input.
+    q, k = hs["model.layers.0.self_attn.q_proj.weight"], hs["model.layers.0.self_attn.k_proj.weight"]
+    assert np.array_equal(q, k)
+    # The LM head's input is the final (normed) hidden state: H = its mean outer product.
+    ids = torch.tensor(AutoTokenizer.from_pretrained(tiny_llama).encode(text, add_special_tokens=False)[:40])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    with torch.no_grad():
+        last = model(input_ids=ids.reshape(2, 20), output_hidden_states=True).hidden_states[-1]
+    z = last.reshape(-1, 16).double().numpy()
+    assert np.allclose(hs["lm_head.weight"], z.T @ z / 40, rtol=1e-5, atol=1e-7)
+
+
+def test_collect_hessians_filters_and_errors(tiny_llama, tmp_path) -> None:
+    text = "the king is dead " * 10
+    want = {"model.layers.0.mlp.up_proj.weight"}
+    assert set(collect_hessians(tiny_llama, text, 16, names=want)) == want
+    assert set(collect_hessians(tiny_llama, text, 16, names=lambda n: "o_proj" in n)) == {
+        "model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.o_proj.weight",
+    }
+    with pytest.raises(UsageError, match="config.json"):
+        collect_hessians(tmp_path, text)
+    with pytest.raises(UsageError, match="tokens"):
+        collect_hessians(tiny_llama, "king", 16)

@@ -1,0 +1,359 @@
+"""Calibration: choose labels by what a layer's inputs see, not by the weights alone (GPTQ-style).
+
+Nearest-centroid labels minimise ‖W − Ŵ‖², but a linear layer's error is ‖(W − Ŵ)X‖², which
+depends on its inputs' second moments H = XᵀX. Given H, labels are chosen one input column at a
+time, and each column's rounding error is pushed onto the columns not yet labelled through the
+upper Cholesky factor U of H⁻¹ (Frantar et al., "GPTQ", 2022, Algorithm 1). The centroid table
+stays the encoder's (the grid), so the bytes on disk keep their format and nearly their size;
+optionally the cell means are re-fitted afterwards, weighted by diag(H), and re-rounded by the
+table rules of `wcfmt.cluster.kmeans.round_centroids`.
+
+- `collect_hessians`: run a Hugging Face causal LM (transformers, CPU) over a text and return
+  H / n_tokens for every ``nn.Linear`` weight.
+- `gptq_labels`: labels of one matrix onto one ascending grid of rebuilt values.
+- `calibrate_clustered`: a `ClusteredTensor` (from `cluster_tensor`) relabelled the same way.
+
+>>> import numpy as np
+>>> w = np.array([[0.4, 0.4]]); grid = np.array([0.0, 1.0])
+>>> gptq_labels(w, np.eye(2), grid).tolist()         # H = I: nearest rounding
+[[0, 0]]
+>>> h = np.array([[1.0, 0.99], [0.99, 1.0]])         # correlated inputs: the error is fed on
+>>> gptq_labels(w, h, grid).tolist()
+[[0, 1]]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..clustered_tensor import ClusteredTensor
+from ..dtypes import from_numpy, name_of, to_numpy
+from ..errors import UsageError
+from .kmeans import round_centroids
+from .report import quality
+
+__all__ = [
+    "DEFAULT_CALIB_TOKENS",
+    "DEFAULT_DAMP",
+    "collect_hessians",
+    "inverse_cholesky",
+    "gptq_labels",
+    "calibrate_clustered",
+]
+
+#: Tokens of calibration text: measured (issue #8) 4k tokens of one play are enough for H.
+DEFAULT_CALIB_TOKENS = 4096
+
+#: Dampening added to H's diagonal, as a fraction of its mean diagonal (GPTQ's default, 1%).
+DEFAULT_DAMP = 0.01
+
+#: Columns labelled between two lazy updates of the rest of the matrix (GPTQ's block size).
+_BLOCK = 128
+
+#: With an entropy term, candidates within this many grid steps of the nearest are weighed.
+_WINDOW = 2
+
+
+# -- the inputs' second moments ---------------------------------------------------------------
+def collect_hessians(
+    model_folder: str | Path,
+    text: str,
+    n_tokens: int = DEFAULT_CALIB_TOKENS,
+    *,
+    names: Collection[str] | Callable[[str], bool] | None = None,
+    window: int = 512,
+    batch: int = 4,
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Return ``{weight name: H}``, H = mean over tokens of xxᵀ (float64, in × in), per linear layer.
+
+    The model in ``model_folder`` (a Hugging Face causal LM folder) runs in float32 on the CPU over
+    the first ``n_tokens`` tokens of ``text`` (fewer if the text is shorter), in windows of
+    ``window`` tokens; a forward hook on every ``torch.nn.Linear`` sums its inputs' outer
+    products. ``names`` keeps only some weights (a set of names like
+    ``"model.layers.0.mlp.up_proj.weight"``, or a predicate). Raises `UsageError` when the
+    folder, the text or transformers is missing.
+    """
+    folder = Path(model_folder)
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder}: calibration needs a Hugging Face model folder (no config.json)")
+    if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 2:
+        raise UsageError(f"n_tokens must be an integer >= 2, got {n_tokens!r}")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+    except ImportError as e:  # pragma: no cover - transformers is in the test extra
+        raise UsageError("calibration runs the model with transformers: pip install transformers") from e
+    keep: Callable[[str], bool]
+    if names is None:
+        keep = lambda n: True  # noqa: E731
+    elif callable(names):
+        keep = names
+    else:
+        wanted = set(names)
+        keep = wanted.__contains__
+
+    hf_logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) < 2:
+        raise UsageError(f"calibration text has {len(ids)} tokens; need at least 2")
+    ids = torch.tensor(ids[:n_tokens], dtype=torch.long)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    sums: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(name: str) -> Callable[..., None]:
+        def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            s = sums.get(name)
+            sums[name] = x.T @ x if s is None else s.addmm_(x.T, x)
+
+        return hook
+
+    for mname, module in model.named_modules():
+        wname = f"{mname}.weight"
+        if isinstance(module, torch.nn.Linear) and keep(wname):
+            hooks.append(module.register_forward_pre_hook(hook_for(wname)))
+    win = max(2, min(window, len(ids)))
+    n_windows = max(1, len(ids) // win)
+    windows = ids[: n_windows * win].reshape(n_windows, win)
+    from ..progress import bar
+
+    try:
+        with torch.inference_mode(), bar(progress, total=n_windows, desc="calibrate", unit="window") as b:
+            for i in range(0, n_windows, batch):
+                model(input_ids=windows[i : i + batch])
+                b.update(len(windows[i : i + batch]))
+    finally:
+        for h in hooks:
+            h.remove()
+    n = windows.numel()
+    return {name: (s / n).numpy() for name, s in sums.items()}
+
+
+# -- GPTQ onto a fixed grid -------------------------------------------------------------------
+def inverse_cholesky(h: np.ndarray, damp: float = DEFAULT_DAMP) -> np.ndarray:
+    """Upper Cholesky factor U of (H/mean diag + damp·I)⁻¹, so that UᵀU = H⁻¹ (dampened).
+
+    H is scaled to a mean diagonal of 1 first, so that ``damp`` and an entropy term's λ do not
+    depend on the activations' scale. Columns whose input never fires (H_jj = 0) get a unit
+    diagonal: their weights never reach the output, and nearest rounding is then their choice.
+    """
+    h = np.array(h, dtype=np.float64)
+    if h.ndim != 2 or h.shape[0] != h.shape[1]:
+        raise UsageError(f"H must be a square matrix, got shape {h.shape}")
+    if not np.isfinite(h).all():
+        raise UsageError("H holds NaN or infinite values")
+    if not (isinstance(damp, (int, float)) and damp > 0):
+        raise UsageError(f"damp must be > 0, got {damp!r}")
+    d = np.diag(h).copy()
+    dead = d <= 0
+    scale = float(d[~dead].mean()) if (~dead).any() else 1.0
+    h /= scale
+    h[dead, :] = 0.0
+    h[:, dead] = 0.0
+    h[np.flatnonzero(dead), np.flatnonzero(dead)] = 1.0
+    h[np.diag_indices_from(h)] += damp
+    try:
+        lower = np.linalg.cholesky(h)
+        inv_lower = np.linalg.solve(lower, np.eye(len(h)))
+        hinv = inv_lower.T @ inv_lower
+        return np.linalg.cholesky(hinv).T
+    except np.linalg.LinAlgError as e:
+        raise UsageError(f"H is not positive definite even with damp={damp}: {e}") from e
+
+
+def _check_grid(grid: np.ndarray) -> np.ndarray:
+    g = np.asarray(grid, dtype=np.float64).reshape(-1)
+    if g.size == 0 or g.size > 256 or not np.isfinite(g).all() or (np.diff(g) <= 0).any():
+        raise UsageError("the grid must hold 1..256 finite, strictly ascending values")
+    return g
+
+
+def _choose(col: np.ndarray, grid: np.ndarray, mids: np.ndarray, u_ii: float, lam: float, code_bits: np.ndarray | None) -> np.ndarray:
+    """Labels of one column: nearest grid value (ties to the lower, as `assign_labels`), or with
+    an entropy term the cheapest of the nearby ones by ((w − c)/U_ii)² + λ·bits(c)."""
+    near = np.searchsorted(mids, col, side="left")
+    if lam == 0.0 or code_bits is None:
+        return near
+    k = grid.size
+    cand = np.clip(near[:, None] + np.arange(-_WINDOW, _WINDOW + 1)[None, :], 0, k - 1)
+    cost = ((col[:, None] - grid[cand]) / u_ii) ** 2 + lam * code_bits[cand]
+    return cand[np.arange(col.size), np.argmin(cost, axis=1)]  # argmin: the first (lowest) of ties
+
+
+def _gptq(w: np.ndarray, u: np.ndarray, grid: np.ndarray, lam: float, code_bits: np.ndarray | None) -> np.ndarray:
+    w = np.array(w, dtype=np.float64)  # a working copy: columns absorb earlier columns' errors
+    rows, cols = w.shape
+    mids = (grid[1:] + grid[:-1]) / 2
+    labels = np.empty((rows, cols), dtype=np.int64)
+    for a in range(0, cols, _BLOCK):
+        b = min(a + _BLOCK, cols)
+        blk = w[:, a:b]
+        err = np.empty((rows, b - a))
+        for i in range(b - a):
+            j = a + i
+            lab = _choose(blk[:, i], grid, mids, u[j, j], lam, code_bits)
+            labels[:, j] = lab
+            e = (blk[:, i] - grid[lab]) / u[j, j]
+            blk[:, i + 1 :] -= np.outer(e, u[j, j + 1 : b])
+            err[:, i] = e
+        if b < cols:
+            w[:, b:] -= err @ u[a:b, b:]
+    return labels.astype(np.uint8)
+
+
+def gptq_labels(
+    w: np.ndarray,
+    h: np.ndarray,
+    rebuilt: np.ndarray,
+    *,
+    damp: float = DEFAULT_DAMP,
+    lam: float = 0.0,
+    code_bits: np.ndarray | None = None,
+    u: np.ndarray | None = None,
+) -> np.ndarray:
+    """Return uint8 labels (rows × cols) of ``w`` onto the ascending grid ``rebuilt`` by GPTQ.
+
+    - ``w``: the weight, rows × cols (a linear layer's out × in); ``h``: cols × cols, the inputs'
+      second moments (any positive scale); ``rebuilt``: the values the labels rebuild to.
+    - ``damp``: added to the diagonal of H scaled to mean diagonal 1.
+    - ``lam`` and ``code_bits`` (one per grid value, e.g. −log2 of its frequency): the label of
+      each weight minimises ((w − c)/U_jj)² + λ·bits(c) among the nearest few grid values, the
+      entropy-constrained choice in the same units as an unweighted ECSQ's λ (H is scaled).
+    - ``u``: `inverse_cholesky(h, damp)` when the caller already has it (then ``h`` is unused).
+
+    With H diagonal (no correlation between inputs) and λ = 0 this is nearest rounding.
+    """
+    w = np.asarray(w, dtype=np.float64)
+    if w.ndim != 2:
+        raise UsageError(f"w must be a matrix (rows, cols), got shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise UsageError("w holds NaN or infinite values")
+    grid = _check_grid(rebuilt)
+    if u is None:
+        u = inverse_cholesky(h, damp)
+    if u.shape != (w.shape[1], w.shape[1]):
+        raise UsageError(f"H is {u.shape[0]} × {u.shape[1]} but the weight has {w.shape[1]} columns")
+    if not (isinstance(lam, (int, float)) and lam >= 0 and math.isfinite(lam)):
+        raise UsageError(f"lam must be a finite number >= 0, got {lam!r}")
+    bits = None
+    if lam > 0:
+        if code_bits is None:
+            raise UsageError("an entropy term (lam > 0) needs code_bits, one per grid value")
+        bits = np.asarray(code_bits, dtype=np.float64).reshape(-1)
+        if bits.size != grid.size or not np.isfinite(bits).all():
+            raise UsageError(f"code_bits must hold {grid.size} finite values, got {bits.size}")
+    return _gptq(w, u, grid, float(lam), bits)
+
+
+# -- a ClusteredTensor, relabelled ------------------------------------------------------------
+def _rebuilt(table: torch.Tensor, dtype: str) -> np.ndarray:
+    from .kmeans import _rebuilt_values
+
+    return _rebuilt_values(to_numpy(table), dtype)
+
+
+def _code_bits(labels: np.ndarray, k: int) -> np.ndarray:
+    counts = np.bincount(labels.reshape(-1), minlength=k).astype(np.float64)
+    n = counts.sum()
+    # An empty cell costs as much as a label seen once: reachable, but not free.
+    return -np.log2(np.maximum(counts, 1.0) / n)
+
+
+def _refit(w: np.ndarray, labels: np.ndarray, grid: np.ndarray, col_weight: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cell means of ``w`` weighted by column importance, rounded to a table; (table, new labels)."""
+    k = grid.size
+    wt = np.broadcast_to(col_weight, w.shape).reshape(-1)
+    lab = labels.reshape(-1).astype(np.int64)
+    mass = np.bincount(lab, weights=wt, minlength=k)
+    sums = np.bincount(lab, weights=wt * w.reshape(-1), minlength=k)
+    means = np.where(mass > 0, sums / np.where(mass > 0, mass, 1.0), grid)
+    used = np.flatnonzero(np.bincount(lab, minlength=k))
+    # Each used cell's mean, rounded the way a table entry is; cells may merge or swap order.
+    each = np.array([round_centroids(np.array([m]), dtype)[1][0] for m in means[used]])
+    table, rebuilt = round_centroids(means[used], dtype)
+    remap = np.zeros(k, dtype=np.int64)
+    remap[used] = np.searchsorted(rebuilt, each)
+    return table, remap[labels].astype(np.uint8)
+
+
+def calibrate_clustered(
+    ct: ClusteredTensor,
+    original: torch.Tensor,
+    h: np.ndarray,
+    *,
+    damp: float = DEFAULT_DAMP,
+    lam: float = 0.0,
+    refit: bool = False,
+    name: str | None = None,
+) -> ClusteredTensor:
+    """Return ``ct`` relabelled by `gptq_labels` against ``original`` (its source weight) and H.
+
+    Each group of consecutive chunks that share one table (a codebook stored in several chunks,
+    `ClusteredTensor.rechunk`) is relabelled on that table, so the tables and chunking stay as
+    they were; with ``refit`` each table is replaced by its cells' means weighted by diag(H),
+    rounded by the table rules (entries may merge, so K can shrink). ``lam`` > 0 adds the
+    entropy term with code lengths from ``ct``'s own label frequencies. ``quality`` is
+    recomputed (``bits_per_weight``, if present, moves with the label entropy). ``name`` only
+    labels error messages.
+    """
+    where = f"tensor {name!r}: " if name else ""
+    shape = tuple(ct.shape)
+    if tuple(original.shape) != shape:
+        raise UsageError(f"{where}original shape {tuple(original.shape)} != clustered shape {shape}")
+    if len(shape) != 2:
+        raise UsageError(f"{where}calibration needs a matrix (out × in), got shape {shape}")
+    cols = shape[1]
+    if np.shape(h) != (cols, cols):
+        raise UsageError(f"{where}H has shape {np.shape(h)}, the weight {cols} columns: need ({cols}, {cols})")
+    dtype = name_of(ct.dtype)
+    try:
+        u = inverse_cholesky(h, damp)
+    except UsageError as e:
+        raise UsageError(f"{where}{e}") from e
+    col_weight = np.maximum(np.diag(np.asarray(h, dtype=np.float64)), 0.0)
+    if not (col_weight > 0).any():
+        col_weight = np.ones(cols)
+    w = original.detach().cpu().to(torch.float64).numpy()
+    old = to_numpy(ct.labels)
+    labels = np.empty(shape, dtype=np.uint8)
+    tables: list[torch.Tensor] = []
+    ranges = ct.row_ranges()
+    i = 0
+    while i < len(ranges):
+        j = i + 1  # chunks i..j-1 share one table
+        while j < len(ranges) and torch.equal(ct.centroids[j], ct.centroids[i]):
+            j += 1
+        a, b = ranges[i][0], ranges[j - 1][1]
+        grid = _rebuilt(ct.centroids[i], dtype)
+        bits = _code_bits(old[a:b], grid.size) if lam > 0 else None
+        lab = gptq_labels(w[a:b], h, grid, lam=lam, code_bits=bits, u=u)
+        table = ct.centroids[i]
+        if refit:
+            t16, lab = _refit(w[a:b], lab, grid, col_weight, dtype)
+            table = from_numpy(t16, "F16")
+        labels[a:b] = lab
+        tables += [table] * (j - i)
+        i = j
+    out = ClusteredTensor(
+        labels=from_numpy(labels, "U8"), centroids=tables, chunk_rows=ct.chunk_rows, dtype=ct.dtype, shape=ct.shape,
+    )
+    q = quality(original, out)
+    if ct.quality:
+        for key, v in ct.quality.items():
+            if key not in q:
+                q[key] = v
+        if "bits_per_weight" in ct.quality and "label_entropy_bits" in ct.quality:
+            q["bits_per_weight"] = ct.quality["bits_per_weight"] + q["label_entropy_bits"] - ct.quality["label_entropy_bits"]
+    return ClusteredTensor(
+        labels=out.labels, centroids=out.centroids, chunk_rows=out.chunk_rows, dtype=out.dtype, shape=out.shape, quality=q,
+    )
+
