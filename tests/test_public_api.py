@@ -28,6 +28,7 @@ PUBLIC = [
     "rewrite_centroids",
     "push_to_hub",
     "load_from_hub",
+    "from_pretrained",
     "WclustError",
     "FormatError",
     "HeaderError",
@@ -36,6 +37,7 @@ PUBLIC = [
     "UsageError",
     "TensorNotFoundError",
     "OutputExistsError",
+    "HubError",
 ]
 
 #: error class -> the built-in it must also be, so callers may catch either.
@@ -48,6 +50,7 @@ ERROR_BUILTINS = {
     "UsageError": ValueError,
     "TensorNotFoundError": KeyError,
     "OutputExistsError": FileExistsError,
+    "HubError": OSError,
 }
 
 #: error class -> its wcfmt parent.
@@ -59,6 +62,7 @@ ERROR_PARENTS = {
     "UsageError": "WclustError",
     "TensorNotFoundError": "WclustError",
     "OutputExistsError": "WclustError",
+    "HubError": "WclustError",
 }
 
 

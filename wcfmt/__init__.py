@@ -13,11 +13,13 @@ from .convert import pack, unpack
 from .edit import rewrite_centroids
 from .io.folder import load_state_dict
 from .io.hub import load_from_hub, push_to_hub
+from .io.transformers_io import from_pretrained
 from .constants import VERSION_MAJOR, VERSION_MINOR
 from .errors import (
     ChecksumError,
     FormatError,
     HeaderError,
+    HubError,
     OutputExistsError,
     TensorNotFoundError,
     UsageError,
@@ -42,6 +44,7 @@ __all__ = [
     "rewrite_centroids",
     "push_to_hub",
     "load_from_hub",
+    "from_pretrained",
     "WclustError",
     "FormatError",
     "HeaderError",
@@ -50,4 +53,5 @@ __all__ = [
     "UsageError",
     "TensorNotFoundError",
     "OutputExistsError",
+    "HubError",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "UsageError",
     "TensorNotFoundError",
     "OutputExistsError",
+    "HubError",
 ]
 
 
@@ -52,6 +53,10 @@ class TensorNotFoundError(WclustError, KeyError):
 
 class OutputExistsError(WclustError, FileExistsError):
     """The output path exists and overwriting was not asked for."""
+
+
+class HubError(WclustError, OSError):
+    """A Hugging Face Hub download or upload failed (network, unknown repository, permission)."""
 
 
 def where(path: object, tensor: str | None = None, chunk: int | None = None) -> str:

@@ -265,8 +265,14 @@ def load_state_dict(
     path: str | os.PathLike[str],
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
+    *,
+    revision: str | None = None,
+    token: str | bool | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load a `.wclust` file or a packed folder as one dense state dict.
+
+    ``path`` may also be a Hub repository, ``hf://org/name[@rev]`` or a bare ``org/name``
+    (`wcfmt.io.sources`); only its ``.wclust`` files and index are downloaded.
 
     A folder's shards come from ``model.wclust.index.json`` (or every ``*.wclust`` in it).
     ``dtype`` casts floating-point tensors only (as ``from_pretrained(torch_dtype=...)``); tied
@@ -282,7 +288,9 @@ def load_state_dict(
     from ..api import load_file
     from ..convert import torch_dtype_of  # one parser of dtype names for the library and the CLI
 
-    path = Path(path)
+    from .sources import resolve_source
+
+    path = resolve_source(path, revision=revision, token=token, allow_patterns=[f"*{SUFFIX}", INDEX_NAME])
     want = torch_dtype_of(dtype) if dtype is not None else None
     if path.is_dir():
         shards = find_wclust_shards(path)
