@@ -86,7 +86,29 @@ def build_parser() -> argparse.ArgumentParser:
     ver = sub.add_parser("verify", help="check structure and every checksum of a file or folder")
     ver.add_argument("path", metavar="FILE_OR_DIR")
     ver.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
+
+    tf = sub.add_parser(
+        "transform", help="rewrite the centroid tables of a .wclust file or folder by a transform mode",
+        description="Change the cluster means, keep each weight's cluster (the rank experiments). "
+        "Rank-breaking modes permute labels so that tables stay ascending.",
+    )  # fmt: skip
+    tf.add_argument("src", metavar="SRC", help="a .wclust file or a packed folder")
+    tf.add_argument("-o", "--output", dest="dst", metavar="DST", required=True, help="output file or folder")
+    tf.add_argument("--mode", action="append", required=True, metavar="MODE",
+                    help="one of: " + ", ".join(_TRANSFORM_MODES) + " (repeat to chain, applied in order)")
+    tf.add_argument("--tensors", metavar="RE", help="only clustered tensors whose name matches RE (re.search)")
+    tf.add_argument("--seed", type=int, default=0, help="seed of the random modes (default 0)")
+    tf.add_argument("--a", type=float, default=1.0, help="affine: scale a > 0 (default 1)")
+    tf.add_argument("--b", type=float, default=0.0, help="affine: shift b (default 0)")
+    tf.add_argument("--p", type=float, default=0.5, help="power: exponent p > 0 (default 0.5)")
+    tf.add_argument("--scale", type=float, default=2.0, help="tanh: s = scale x the weights' std (default 2)")
+    _common(tf)
     return p
+
+
+#: Kept here, not imported, so that `wcfmt --help` does not import numpy (tests pin it to MODES).
+_TRANSFORM_MODES = ("affine", "affine-correct", "sorted-gaussian", "monotone-freq", "power", "tanh",
+                    "sign-scramble", "rank-break", "gaussian", "permute")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -140,6 +162,14 @@ def _run(args: argparse.Namespace) -> int:
         url = push_to_hub(args.path, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                           commit_message=args.commit_message, create_pr=args.create_pr)
         print(url)
+        return 0
+    if args.command == "transform":
+        from .transforms import transform
+
+        tr = transform(args.src, args.dst, args.mode, tensors=args.tensors, seed=args.seed, a=args.a, b=args.b,
+                       p=args.p, scale=args.scale, force=args.force, progress=_progress(args))
+        if not args.quiet:
+            print(tr.summary())
         return 0
     raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
 

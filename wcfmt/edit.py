@@ -20,13 +20,20 @@ from .schema import ClusteredEntry, Header, serialize_header
 __all__ = ["rewrite_centroids"]
 
 
-def rewrite_centroids(path: str | os.PathLike[str], tables: dict[str, list[torch.Tensor | np.ndarray]]) -> None:
+def rewrite_centroids(
+    path: str | os.PathLike[str],
+    tables: dict[str, list[torch.Tensor | np.ndarray]],
+    *,
+    settings_extra: dict[str, str] | None = None,
+) -> None:
     """Replace the centroid tables of clustered tensors in place.
 
     ``tables[name]`` holds one table per row chunk, each with the chunk's K values, fp16-exact,
     finite and strictly ascending (labels are ranks, so the order must not change). Everything
     is validated before the first byte is written. The update is not atomic: a crash midway
     leaves a file whose checksums fail (spec §9.3), never silently wrong weights.
+    ``settings_extra`` (str → str) is merged into the header's ``settings.extra``, so that tools
+    (healing, transforms) can record what they changed.
     """
     path = Path(path)
     with WclustReader(path) as r:
@@ -50,8 +57,15 @@ def rewrite_centroids(path: str | os.PathLike[str], tables: dict[str, list[torch
                 writes.append((chunk.centroids.offset, raw))
                 chunks.append(chunk.model_copy(update={"centroids": chunk.centroids.model_copy(update={"crc32": entropy.crc32(raw)})}))
             new_tensors[target] = e.model_copy(update={"chunks": chunks})
-    new_header = Header.model_validate({**header.model_dump(exclude_none=True), "tensors": {
-        n: v.model_dump(exclude_none=True) for n, v in new_tensors.items()}})
+    fields = {**header.model_dump(exclude_none=True), "tensors": {
+        n: v.model_dump(exclude_none=True) for n, v in new_tensors.items()}}
+    if settings_extra:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in settings_extra.items()):
+            raise UsageError(f"{path}: settings_extra must map str to str")
+        settings = dict(fields.get("settings") or {})
+        settings["extra"] = {**settings.get("extra", {}), **settings_extra}
+        fields["settings"] = settings
+    new_header = Header.model_validate(fields)
     raw_header = serialize_header(new_header)
     from .writer import pack_preamble
 
