@@ -241,7 +241,11 @@ def test_truncation(small: Path, cut: str) -> None:
     raw = small.read_bytes()
     p = split(small)
     write_fresh(small, raw[: CUTS[cut](p.header_offset, p.header_length, len(raw))])
-    expect(FormatError, small, "truncated")
+    if cut == "empty":  # no magic at all: issue #10 reports it as not a .wclust file
+        msg = expect(FormatError, small)
+        assert "truncated" in msg or "not a .wclust file" in msg, msg
+    else:
+        expect(FormatError, small, "truncated")
 
 
 @pytest.mark.parametrize("extra", [b"\x00", bytes(64), b"garbage" * 100])

@@ -81,6 +81,7 @@ def load_file(
     *,
     dtype: torch.dtype | None = None,
     threads: int | None = None,
+    max_bytes: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load every tensor of a .wclust file as dense torch tensors on ``device``.
 
@@ -88,10 +89,14 @@ def load_file(
     pipeline (`wcfmt.rebuild.stream`): chunks decode in a thread pool and, on a GPU, labels
     cross PCIe compact and are expanded on the device. Aliases come back as the same tensor
     object as their target. ``dtype`` converts floating-point tensors (as ``.to(dtype)``).
+    ``max_bytes`` caps the decoded bytes of all tensors together (`UsageError` before anything
+    is allocated): use it on untrusted files (spec §9.1).
     """
     from .rebuild.stream import load_tensors
 
-    with WclustReader(path) as reader:
+    with WclustReader(path, max_bytes=max_bytes) as reader:
+        stored = [n for n, e in reader.header.tensors.items() if not isinstance(e, AliasEntry)]
+        reader.check_budget(sum(reader.nbytes(n) for n in stored), str(reader.path))
         return load_tensors(reader, device=device, dtype=dtype, threads=threads)
 
 
@@ -169,12 +174,13 @@ class safe_open:
         device: str | torch.device = "cpu",
         *,
         use_mmap: bool = True,
+        max_bytes: int | None = None,
     ) -> None:
         if framework not in ("pt", "torch", "numpy", "np"):
             raise UsageError(f"{filename}: framework {framework!r} is not supported (use 'pt' or 'numpy')")
         self._numpy = framework in ("numpy", "np")
         self._device = torch.device(device)
-        self._reader = WclustReader(filename, use_mmap=use_mmap)
+        self._reader = WclustReader(filename, use_mmap=use_mmap, max_bytes=max_bytes)
 
     # context manager
     def __enter__(self) -> "safe_open":
@@ -227,6 +233,7 @@ class safe_open:
             raise UsageError(f"{where(self._reader.path, name)}: tensor is stored {e.codec}, not clustered")
         rows, row_size = rows_and_row_size(e.shape)
         self._reader.check_sizes(target, range(len(e.chunks)))  # before allocating for the labels
+        self._reader.check_budget(rows * row_size, where(self._reader.path, name))
         labels = np.empty(rows * row_size, np.uint8)
         tables = []
         from .codecs.bitpack import unpack_labels

@@ -45,6 +45,14 @@ DEFAULT_STORAGE_CHUNK_ROWS: Final[int] = 256
 ENCODING_RAW: Final[str] = "raw"
 ENCODING_ZSTD: Final[str] = "zstd"
 
+#: Largest zstd window a frame may declare (spec §7.1): zstd's default decoder limit, so every
+#: conforming frame decodes with stock settings; a single-segment frame's window is its size.
+MAX_ZSTD_WINDOW: Final[int] = 1 << 27
+
+#: Default cap on the bytes one call of the CLI decodes (``--max-bytes``, spec §9.1): far above
+#: any chunk wcfmt writes (lossless chunks ~4 MiB, clustered 256 rows), far below a machine's RAM.
+CLI_MAX_BYTES: Final[int] = 1 << 30
+
 #: Codec identifiers (spec §5, §6).
 CODEC_CLUSTERED: Final[str] = "clustered"
 CODEC_LOSSLESS: Final[str] = "lossless"

@@ -9,6 +9,7 @@ centroid tables finite and ascending).
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -22,14 +23,16 @@ from .codecs.bitpack import packed_size
 from .constants import (
     ALIGNMENT,
     ENCODING_RAW,
+    ENCODING_ZSTD,
     MAGIC,
+    MAX_ZSTD_WINDOW,
     MAX_HEADER_BYTES,
     PREAMBLE_SIZE,
     VERSION_MAJOR,
     VERSION_MINOR,
 )
-from .dtypes import storage_dtype
-from .errors import ChecksumError, FormatError, HeaderError, TensorNotFoundError, VersionError, where
+from .dtypes import itemsize, storage_dtype
+from .errors import ChecksumError, FormatError, HeaderError, TensorNotFoundError, UsageError, VersionError, where
 from .schema import AliasEntry, Blob, ClusteredEntry, Header, LosslessEntry, chunk_row_ranges, parse_header, rows_and_row_size
 
 __all__ = ["WclustReader", "read_preamble"]
@@ -69,10 +72,20 @@ class WclustReader:
 
     ``use_mmap=False`` reads blobs with positioned reads instead of mapping the file (faster on
     network file systems, where mmap page faults are slow).
+
+    ``max_bytes`` caps the decoded bytes any one call allocates (a chunk, a row range, a whole
+    tensor; `wcfmt.load_file` applies it to all tensors together): a chunk with ``k = 1`` has no
+    label bytes, so a tiny untrusted file can describe terabytes (spec §9.1). Over the cap, the
+    call raises `UsageError` before allocating. ``None`` (the default) means no cap.
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, use_mmap: bool = True) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], *, use_mmap: bool = True, max_bytes: int | None = None
+    ) -> None:
         self.path = Path(path)
+        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
+            raise UsageError(f"{self.path}: max_bytes must be a non-negative integer or None, got {max_bytes!r}")
+        self.max_bytes = max_bytes
         try:
             self._fh = open(self.path, "rb")
         except FileNotFoundError:
@@ -186,6 +199,8 @@ class WclustReader:
                     f"(expected 0x{blob.crc32:08x}, got 0x{got:08x})"
                 )
             try:
+                if blob.encoding == ENCODING_ZSTD:
+                    _zstd_frame_rules(stored)
                 return entropy.decompress(stored, blob.encoding, expected)
             except ValueError as e:
                 raise FormatError(f"{where(self.path, name, chunk)}: {what}: {e}") from None
@@ -209,7 +224,28 @@ class WclustReader:
         """Return one chunk's values (flat, storage form) through the canonical decoder."""
         name, e = self.resolve(name)
         codec = clustered if isinstance(e, ClusteredEntry) else lossless
-        return self._checked(name, chunk, lambda: codec.decode_chunk(e, chunk, self._reader_for(name, chunk)))
+        if 0 <= chunk < len(e.chunks):
+            rows, row_size = rows_and_row_size(e.shape)
+            a, b = chunk_row_ranges(rows, e.chunk_rows)[chunk]
+            self.check_budget((b - a) * row_size * itemsize(e.dtype), f"{where(self.path, name, chunk)}")
+        values = self._checked(name, chunk, lambda: codec.decode_chunk(e, chunk, self._reader_for(name, chunk)))
+        if e.dtype == "BOOL" and values.size and int(values.view(np.uint8).max()) > 1:
+            # spec §6.3: a BOOL element is the byte 0 or 1; any other is refused, not read as True
+            raise FormatError(f"{where(self.path, name, chunk)}: BOOL element holds a byte other than 0 or 1")
+        return values
+
+    def nbytes(self, name: str) -> int:
+        """Decoded size of a tensor in bytes (its dtype's element size times its element count)."""
+        _, e = self.resolve(name)
+        return math.prod(e.shape) * itemsize(e.dtype)
+
+    def check_budget(self, nbytes: int, what: str) -> None:
+        """Raise `UsageError` if decoding ``nbytes`` would exceed ``max_bytes`` (spec §9.1)."""
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            raise UsageError(
+                f"{what}: decoding needs {nbytes} bytes, more than max_bytes={self.max_bytes} "
+                f"(raise the cap, or pass max_bytes=None / --max-bytes 0, if the file is trusted)"
+            )
 
     def decode_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Return rows [start, stop) (storage form, shape (stop-start, *shape[1:])), reading only their chunks."""
@@ -217,6 +253,7 @@ class WclustReader:
         rows, row_size = rows_and_row_size(e.shape)
         start, stop = max(0, start), min(rows, stop)
         out_shape = ([max(0, stop - start)] + list(e.shape[1:])) if e.shape else []
+        self.check_budget(max(0, stop - start) * row_size * itemsize(e.dtype), where(self.path, name))
         if stop > start and row_size:
             ranges = chunk_row_ranges(rows, e.chunk_rows)
             self.check_sizes(name, [i for i, (a, b) in enumerate(ranges) if a < stop and b > start])
@@ -299,6 +336,28 @@ class WclustReader:
             raise
         except ValueError as err:
             raise FormatError(f"{where(self.path, name, chunk)}: {err}") from None
+
+
+def _zstd_frame_rules(stored: bytes | memoryview) -> None:
+    """The rules of spec §7.1 that a one-shot zstd decoder does not check itself: the blob is a
+    zstd frame (not a skippable one), names no dictionary, and has a window of at most 128 MiB.
+    (Content size, truncation and further bytes are checked by `entropy.decompress`.)"""
+    head = bytes(stored[:6])
+    if len(head) < 5:
+        return  # too short to be a frame: decompress reports it
+    magic = int.from_bytes(head[:4], "little")
+    if magic & 0xFFFFFFF0 == 0x184D2A50:
+        raise ValueError("blob is a skippable zstd frame; it must be exactly one zstd frame")
+    if magic != 0xFD2FB528:
+        return  # not a frame: decompress reports it
+    descriptor = head[4]
+    if descriptor & 0x03:
+        raise ValueError("zstd frame names a dictionary; dictionaries are not allowed")
+    if not descriptor & 0x20 and len(head) == 6:  # not single-segment: a window descriptor follows
+        base = 1 << (10 + (head[5] >> 3))
+        window = base + (base >> 3) * (head[5] & 7)
+        if window > MAX_ZSTD_WINDOW:
+            raise ValueError(f"zstd frame window is {window} bytes, more than {MAX_ZSTD_WINDOW}")
 
 
 def _blobs_of(e: object) -> list[tuple[Blob, str]]:

@@ -12,6 +12,7 @@ import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from .constants import (
     ALIGNMENT,
@@ -23,7 +24,7 @@ from .constants import (
     MAX_NDIM,
     label_bits_for_k,
 )
-from .dtypes import CLUSTERABLE, DTYPES, itemsize
+from .dtypes import CLUSTERABLE, DTYPES, FLOAT_PLANES, itemsize
 
 __all__ = [
     "Blob",
@@ -53,16 +54,10 @@ class _Strict(BaseModel):
 class Blob(_Strict):
     """A byte range of the file (spec §4.4): where it is, how it is encoded, its CRC-32."""
 
-    offset: _U64
+    offset: Annotated[int, Field(ge=0, lt=2**63, multiple_of=ALIGNMENT)]
     length: _U64
     encoding: Literal["raw", "zstd"]
     crc32: Annotated[int, Field(ge=0, lt=2**32)]
-
-    @model_validator(mode="after")
-    def _aligned(self) -> "Blob":
-        if self.offset % ALIGNMENT:
-            raise ValueError(f"offset {self.offset} is not a multiple of {ALIGNMENT}")
-        return self
 
 
 class ClusteredChunk(_Strict):
@@ -93,15 +88,26 @@ class _EntryBase(_Strict):
     dtype: DTypeName
     shape: Annotated[list[Annotated[int, Field(ge=0, lt=2**53)]], Field(max_length=MAX_NDIM)]
 
+    @model_validator(mode="after")
+    def _size_fits(self) -> "_EntryBase":
+        # Dimensions are each < 2^53, their product is not: size arithmetic must not overflow
+        # 64-bit integers in any reader (spec §4.2).
+        if math.prod(self.shape) * itemsize(self.dtype) >= 2**63:
+            raise ValueError(f"shape {self.shape} of {self.dtype} is 2^63 bytes or more")
+        return self
+
 
 class ClusteredEntry(_EntryBase):
     """A tensor stored as per-row-chunk labels and fp16 centroid tables (spec §5)."""
+
+    model_config = ConfigDict(json_schema_extra=lambda s: s["properties"]["dtype"].update(enum=sorted(CLUSTERABLE)))
 
     codec: Literal["clustered"]
     chunk_rows: Annotated[int, Field(ge=1, lt=2**53)]
     chunks: list[ClusteredChunk]
     #: Optional quality figures measured at encode time (spec §5.6); informative only.
-    quality: dict[str, float] | None = None
+    quality: dict[str, float] | SkipJsonSchema[None] = None
+
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusteredEntry":
@@ -113,6 +119,14 @@ class ClusteredEntry(_EntryBase):
 
 class LosslessEntry(_EntryBase):
     """A tensor stored bit-exactly as zstd-coded byte planes (spec §6)."""
+
+    # Prose rule §6.1 stated in the schema too (JSON Schema can say it; pydantic cannot).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "if": {"properties": {"transform": {"const": "float_planes"}}},
+            "then": {"properties": {"dtype": {"enum": sorted(FLOAT_PLANES)}}},
+        }
+    )
 
     codec: Literal["lossless"]
     transform: Literal["byte_planes", "float_planes"]
@@ -144,13 +158,14 @@ TensorEntry = Annotated[Union[ClusteredEntry, LosslessEntry, AliasEntry], Field(
 class PackSettings(_Strict):
     """wcfmt's own record of how a file was packed (spec §4.3); informative, not needed to decode."""
 
-    k: int | None = None
-    chunk_rows: int | None = None
-    include: list[str] | None = None
-    exclude: list[str] | None = None
-    level: int | None = None
-    method: str | None = None
+    k: int | SkipJsonSchema[None] = None
+    chunk_rows: int | SkipJsonSchema[None] = None
+    include: list[str] | SkipJsonSchema[None] = None
+    exclude: list[str] | SkipJsonSchema[None] = None
+    level: int | SkipJsonSchema[None] = None
+    method: str | SkipJsonSchema[None] = None
     extra: dict[str, str] = Field(default_factory=dict)
+
 
 
 class Header(_Strict):
@@ -158,8 +173,8 @@ class Header(_Strict):
 
     producer: Annotated[str, Field(max_length=256)]
     metadata: dict[str, str] = Field(default_factory=dict)
-    settings: PackSettings | None = None
-    tensors: dict[str, TensorEntry]
+    settings: PackSettings | SkipJsonSchema[None] = None
+    tensors: dict[Annotated[str, Field(min_length=1)], TensorEntry]
     #: Tensors of a newer-minor file that need what this version does not implement:
     #: name -> what, e.g. "codec 'vq'" or "encoding 'brotli'".
     _unsupported: dict[str, str] = PrivateAttr(default_factory=dict)
@@ -168,6 +183,7 @@ class Header(_Strict):
     def unsupported(self) -> dict[str, str]:
         """Tensors skipped because their codec is unknown to this reader (spec §10)."""
         return self._unsupported
+
 
     @model_validator(mode="after")
     def _aliases(self) -> "Header":
@@ -228,7 +244,10 @@ def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
     except UnicodeDecodeError as e:
         raise ValueError(f"header is not UTF-8 ({e})") from None
     try:
-        data = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant)
+        data = json.loads(
+            text, object_pairs_hook=_reject_duplicates, parse_constant=_no_constant,
+            parse_float=_finite_float, parse_int=_finite_int,
+        )
     except (json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"header is not valid JSON ({e})") from None
     except ValueError as e:
@@ -241,6 +260,10 @@ def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
         header = Header.model_validate(data)
     except ValidationError as e:
         raise ValueError(_describe(e)) from None
+    try:
+        _check_scalars(data)  # after unknown fields are dropped: those are ignored whatever they hold
+    except RecursionError:
+        raise ValueError("header is nested too deeply") from None
     header._unsupported = unsupported
     return header
 
@@ -251,10 +274,11 @@ def _split_unknown_codecs(data: Any) -> dict[str, str]:
     tensors = data.get("tensors") if isinstance(data, dict) else None
     if not isinstance(tensors, dict):
         return {}
-    out = {n: w for n, e in tensors.items() if isinstance(e, dict) and (w := _unknown_value(e)) is not None}
-    for n, e in tensors.items():
-        if isinstance(e, dict) and e.get("codec") == "alias" and e.get("target") in out:
-            out[n] = out[e["target"]]
+    first = {n: w for n, e in tensors.items() if isinstance(e, dict) and (w := _unknown_value(e)) is not None}
+    out = dict(first)
+    for n, e in tensors.items():  # aliases of those (an alias of an alias stays an error)
+        if isinstance(e, dict) and e.get("codec") == "alias" and e.get("target") in first:
+            out[n] = first[e["target"]]
     data["tensors"] = {n: e for n, e in tensors.items() if n not in out}
     return out
 
@@ -263,7 +287,7 @@ def _unknown_value(e: dict[str, Any]) -> str | None:
     """The first enumerated value of an entry that this version does not know, or None.
     Only strings count: a value of the wrong type stays a schema error."""
     codec = e.get("codec")
-    if codec not in (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias"):
+    if isinstance(codec, str) and codec not in (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias"):
         return f"codec {codec!r}"
     if isinstance(e.get("dtype"), str) and e["dtype"] not in DTYPES:
         return f"dtype {e['dtype']!r}"
@@ -284,6 +308,42 @@ def _unknown_value(e: dict[str, Any]) -> str | None:
 
 def _no_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed in a header")
+
+
+def _finite_float(text: str) -> float:
+    """A number must be finite in binary64 (spec §3.4): ``1e400`` is an error, not infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} overflows binary64")
+    return value
+
+
+def _finite_int(text: str) -> int:
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise ValueError(f"number {text[:40]}... overflows binary64") from None
+    return value
+
+
+def _check_scalars(node: Any) -> None:
+    """No null anywhere, and every string (keys too) Unicode scalar values: no lone surrogates
+    from ``\\ud800`` escapes (spec §3.4)."""
+    if node is None:
+        raise ValueError("null is not a valid header value (leave an optional field out instead)")
+    if isinstance(node, str):
+        try:
+            node.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"string {node[:40]!r} holds a lone surrogate") from None
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            _check_scalars(k)
+            _check_scalars(v)
+    elif isinstance(node, list):
+        for v in node:
+            _check_scalars(v)
 
 
 def _describe(e: ValidationError) -> str:
@@ -329,10 +389,29 @@ def serialize_header(header: Header) -> bytes:
     ).encode("utf-8")
 
 
+def _plain_json_schema(node: Any) -> Any:
+    """Drop what is not JSON Schema 2020-12 validation: OpenAPI's ``discriminator`` and the
+    ``default: null`` of optional fields (a header never holds null, spec §3.4)."""
+    if isinstance(node, dict):
+        return {
+            k: _plain_json_schema(v)
+            for k, v in node.items()
+            if k != "discriminator" and not (k == "default" and v is None)
+        }
+    if isinstance(node, list):
+        return [_plain_json_schema(v) for v in node]
+    return node
+
+
 def json_schema() -> dict[str, Any]:
     """Return the JSON Schema of the header, as written to `spec/header.schema.json`."""
-    schema = Header.model_json_schema()
+    schema = _plain_json_schema(Header.model_json_schema())
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$comment"] = (
+        "Header of a .wclust file of version 1.0 exactly (spec 1.0.1 section 4.7): unknown fields "
+        "are rejected, so a newer-minor header may fail it; a reader then drops unknown fields "
+        "first (section 10). The prose wins where they differ; cross-field rules are prose only."
+    )
     schema["$id"] = "https://github.com/wcfmt/wcfmt/spec/header.schema.json"
     return schema
 
