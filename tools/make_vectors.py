@@ -42,12 +42,14 @@ MAGIC = b"\x89WCLUST\n"
 
 def reference_decoder():  # type: ignore[no-untyped-def]
     """The reference decoder module (spec/reference/wclust_ref.py), loaded by path."""
+    if "wclust_ref" in sys.modules:
+        return sys.modules["wclust_ref"]
     spec = importlib.util.spec_from_file_location("wclust_ref", ROOT / "spec" / "reference" / "wclust_ref.py")
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("wclust_ref", mod)
+    sys.modules["wclust_ref"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
-    return sys.modules["wclust_ref"] if sys.modules["wclust_ref"] is not mod else mod
+    return mod
 
 
 def crc(b: bytes) -> int:
