@@ -60,35 +60,8 @@ from .writer import WclustWriter
 
 __all__ = ["pack", "unpack", "PackReport", "UnpackReport", "FileReport", "torch_dtype_of"]
 
-#: Names ``--dtype`` / ``dtype=`` accept (safetensors', torch's and the usual short ones).
-_DTYPE_NAMES: dict[str, torch.dtype] = {
-    "f64": torch.float64, "float64": torch.float64, "double": torch.float64, "fp64": torch.float64,
-    "f32": torch.float32, "float32": torch.float32, "float": torch.float32, "fp32": torch.float32,
-    "f16": torch.float16, "float16": torch.float16, "half": torch.float16, "fp16": torch.float16,
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-}  # fmt: skip
-
-
-#: dtypes ``dtype=`` casts (as ``from_pretrained(torch_dtype=...)`` casts float weights); float8 and
-#: integer tensors keep their dtype.
-CASTABLE: frozenset[str] = frozenset({"F64", "F32", "F16", "BF16"})
-
-
-def torch_dtype_of(dtype: torch.dtype | str) -> torch.dtype:
-    """Return the floating torch dtype named by ``dtype`` (``"bf16"``, ``"F32"``, ``torch.float16`` …).
-
-    >>> torch_dtype_of("BF16"), torch_dtype_of("torch.float16"), torch_dtype_of(torch.float32)
-    (torch.bfloat16, torch.float16, torch.float32)
-    """
-    if isinstance(dtype, torch.dtype):
-        if not dtype.is_floating_point:
-            raise UsageError(f"dtype must be a floating-point dtype (it casts float tensors only), got {dtype}")
-        return dtype
-    if isinstance(dtype, str):
-        key = dtype.strip().lower().removeprefix("torch.")
-        if key in _DTYPE_NAMES:
-            return _DTYPE_NAMES[key]
-    raise UsageError(f"dtype {dtype!r} is not one of {', '.join(sorted(set(_DTYPE_NAMES)))}")
+# Dtype-name parsing lives in dtypes.py; re-exported here (``convert.torch_dtype_of`` is public).
+from .dtypes import _DTYPE_NAMES, CASTABLE, torch_dtype_of  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------------------------

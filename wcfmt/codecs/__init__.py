@@ -1,22 +1,9 @@
-"""Codec registry (spec §5, §6): each codec turns one tensor into per-chunk blobs and back.
+"""The codecs (spec §5, §6): each turns one tensor into per-chunk blobs and back.
 
-A codec module exposes ``CODEC_ID``, ``encode_chunks`` (value -> per-chunk payloads),
-``make_entry`` (payload blob references -> header entry) and ``decode_chunk`` (header entry +
-blob reader -> the chunk's values in storage form). New codec = new module + entry here +
-conformance vectors.
+`clustered` and `lossless` each expose ``CODEC_ID``, ``encode_chunks`` (value -> per-chunk
+payloads), ``make_entry`` (payload blob references -> header entry) and ``decode_chunk`` (header
+entry + blob reader -> the chunk's values in storage form). There is no registry: the reader and
+writer dispatch on the header entry's pydantic type (`schema.ClusteredEntry`, `LosslessEntry`),
+which a new codec needs anyway, so a dict of modules would only be a second, unused index of the
+same two names. New codec = new module + schema model + spec section + conformance vectors.
 """
-
-from __future__ import annotations
-
-from types import ModuleType
-
-from . import clustered, lossless
-
-__all__ = ["CODECS", "codec_for"]
-
-CODECS: dict[str, ModuleType] = {clustered.CODEC_ID: clustered, lossless.CODEC_ID: lossless}
-
-
-def codec_for(codec_id: str) -> ModuleType:
-    """Return the codec module for an id; KeyError if this version does not implement it."""
-    return CODECS[codec_id]

@@ -286,7 +286,7 @@ def load_state_dict(
     (torch.bfloat16, torch.int64)
     """
     from ..api import load_file
-    from ..convert import torch_dtype_of  # one parser of dtype names for the library and the CLI
+    from ..dtypes import torch_dtype_of  # one parser of dtype names for the library and the CLI
 
     from .sources import resolve_source
 
