@@ -26,6 +26,8 @@ PUBLIC = [
     "cluster_tensor",
     "ClusterPolicy",
     "rewrite_centroids",
+    "heal",
+    "transforms",
     "push_to_hub",
     "load_from_hub",
     "from_pretrained",

@@ -11,6 +11,8 @@ from .cluster import ClusterPolicy, cluster_tensor
 from .clustered_tensor import ClusteredTensor
 from .convert import pack, unpack
 from .edit import rewrite_centroids
+from .heal import heal
+from . import transforms
 from .io.folder import load_state_dict
 from .io.hub import load_from_hub, push_to_hub
 from .io.transformers_io import from_pretrained
@@ -42,6 +44,8 @@ __all__ = [
     "cluster_tensor",
     "ClusterPolicy",
     "rewrite_centroids",
+    "heal",
+    "transforms",
     "push_to_hub",
     "load_from_hub",
     "from_pretrained",

@@ -103,8 +103,32 @@ def build_parser() -> argparse.ArgumentParser:
     tf.add_argument("--p", type=float, default=0.5, help="power: exponent p > 0 (default 0.5)")
     tf.add_argument("--scale", type=float, default=2.0, help="tanh: s = scale x the weights' std (default 2)")
     _common(tf)
+
+    he = sub.add_parser(
+        "heal", help="fine-tune only the centroid tables of a packed causal LM on some text",
+        description="Train every clustered matrix's centroid table (labels fixed, all else frozen) with "
+        "next-token loss, and write a copy whose labels are byte-identical.",
+    )  # fmt: skip
+    he.add_argument("src", metavar="SRC", help="a packed model folder (config, tokenizer, .wclust shards)")
+    he.add_argument("-o", "--output", dest="dst", metavar="DST", required=True, help="output folder")
+    he.add_argument("--text", required=True, metavar="FILE", help="UTF-8 training text")
+    he.add_argument("--steps", type=int, default=_HEAL_DEFAULTS["steps"], metavar="N",
+                    help=f"optimiser steps (default {_HEAL_DEFAULTS['steps']})")
+    he.add_argument("--lr", type=float, default=_HEAL_DEFAULTS["lr"], metavar="LR",
+                    help=f"Adam learning rate, relative to each codebook's std (default {_HEAL_DEFAULTS['lr']})")
+    he.add_argument("--seq-len", type=int, default=_HEAL_DEFAULTS["seq_len"], metavar="L",
+                    help=f"tokens per window (default {_HEAL_DEFAULTS['seq_len']})")
+    he.add_argument("--batch", type=int, default=_HEAL_DEFAULTS["batch"], metavar="B",
+                    help=f"windows per step (default {_HEAL_DEFAULTS['batch']})")
+    he.add_argument("--tensors", metavar="RE", help="only clustered tensors whose name matches RE")
+    he.add_argument("--seed", type=int, default=0, help="window order seed (default 0)")
+    he.add_argument("--threads", type=int, metavar="N", help="torch threads")
+    _common(he)
     return p
 
+
+#: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.heal.DEFAULTS).
+_HEAL_DEFAULTS = {"steps": 60, "lr": 2e-3, "seq_len": 256, "batch": 4}
 
 #: Kept here, not imported, so that `wcfmt --help` does not import numpy (tests pin it to MODES).
 _TRANSFORM_MODES = ("affine", "affine-correct", "sorted-gaussian", "monotone-freq", "power", "tanh",
@@ -170,6 +194,15 @@ def _run(args: argparse.Namespace) -> int:
                        p=args.p, scale=args.scale, force=args.force, progress=_progress(args))
         if not args.quiet:
             print(tr.summary())
+        return 0
+    if args.command == "heal":
+        from .heal import heal
+
+        hr = heal(args.src, args.dst, args.text, steps=args.steps, lr=args.lr, seq_len=args.seq_len,
+                  batch=args.batch, seed=args.seed, tensors=args.tensors, threads=args.threads, force=args.force,
+                  progress=_progress(args))  # fmt: skip
+        if not args.quiet:
+            print(hr.summary())
         return 0
     raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
 
