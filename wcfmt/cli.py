@@ -17,7 +17,7 @@ from typing import Sequence
 
 from . import _version
 from .constants import VERSION_MAJOR, VERSION_MINOR
-from .errors import WclustError
+from .errors import UsageError, WclustError
 
 __all__ = ["main", "build_parser"]
 
@@ -124,7 +124,41 @@ def build_parser() -> argparse.ArgumentParser:
     he.add_argument("--seed", type=int, default=0, help="window order seed (default 0)")
     he.add_argument("--threads", type=int, metavar="N", help="torch threads")
     _common(he)
+
+    se = sub.add_parser(
+        "sensitivity", help="per-matrix perplexity increase when only that matrix is clustered, at each K",
+        description="For every matrix pack would cluster and every K, cluster only that matrix and measure "
+        "perplexity on the text (one forward pass each: keep --tokens small). Cached by source hash and settings.",
+    )  # fmt: skip
+    se.add_argument("src", metavar="SRC", help="a dense Hugging Face causal LM folder")
+    se.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
+    _budget_args(se, "--k")
+    se.add_argument("--tensors", metavar="RE", help="only matrices whose name matches RE")
+    se.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    se.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
+    pk.add_argument("--budget-ppl", type=float, metavar="D",
+                    help="per-matrix K: the smallest of --budget-k whose isolated clustering raises perplexity on "
+                    "--text by at most D (runs `wcfmt sensitivity`; cached)")
+    pk.add_argument("--text", metavar="FILE", help="text for --budget-ppl")
+    _budget_args(pk, "--budget-k")
     return p
+
+
+def _budget_args(p: argparse.ArgumentParser, k_flag: str) -> None:
+    p.add_argument(k_flag, dest="budget_k", type=int, nargs="+", default=[16, 32, 64], metavar="K",
+                   help="candidate K values (default 16 32 64)")
+    p.add_argument("--tokens", type=int, default=2048, metavar="N", help="tokens of --text scored (default 2048)")
+    p.add_argument("--window", type=int, default=512, metavar="L", help="perplexity window (default 512)")
+    p.add_argument("--cache-dir", metavar="DIR", help="sensitivity cache folder (default ~/.cache/wcfmt)")
+
+
+def _cache(args: argparse.Namespace) -> object:
+    if args.cache_dir is None:
+        return None
+    from pathlib import Path
+
+    Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
+    return Path(args.cache_dir)  # a folder: the cache file inside is named by its key
 
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.heal.DEFAULTS).
@@ -147,6 +181,21 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that `wcfmt --help` and `--version` stay fast.
+    if args.command == "pack" and args.budget_ppl is not None:
+        from .sensitivity import pack_with_budget
+
+        if args.text is None or args.k is not None:
+            raise UsageError("--budget-ppl needs --text FILE and chooses K itself (no --k)")
+        pr, chosen, _ = pack_with_budget(
+            args.src, args.dst, budget_ppl=args.budget_ppl, text=args.text, ks=args.budget_k, tokens=args.tokens,
+            window=args.window, cache=_cache(args), chunk_rows=args.chunk_rows, include=args.include,
+            exclude=args.exclude, level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
+        )  # fmt: skip
+        if not args.quiet:
+            counts = {k: list(chosen.values()).count(k) for k in sorted(set(chosen.values()))}
+            print(pr.summary())
+            print(f"budget +{args.budget_ppl} ppl: K per matrix " + ", ".join(f"{k}: {n}" for k, n in counts.items()))
+        return 0
     if args.command == "pack":
         from .convert import pack
 
@@ -203,6 +252,13 @@ def _run(args: argparse.Namespace) -> int:
                   progress=_progress(args))  # fmt: skip
         if not args.quiet:
             print(hr.summary())
+        return 0
+    if args.command == "sensitivity":
+        from .sensitivity import sensitivity
+
+        sr = sensitivity(args.src, args.text, ks=args.budget_k, tokens=args.tokens, window=args.window,
+                         tensors=args.tensors, cache=_cache(args), progress=_progress(args))  # fmt: skip
+        print(json.dumps(sr.to_dict(), indent=1) if args.json else sr.format_table())
         return 0
     raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
 
