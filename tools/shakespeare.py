@@ -97,3 +97,29 @@ def eval_ids(tokenizer, n_tokens: int) -> torch.Tensor:
 def calibration_ids(tokenizer, n_tokens: int) -> torch.Tensor:
     """Token ids for calibration: the start of ``CALIBRATION_PLAYS`` (disjoint from the eval plays)."""
     return token_ids(tokenizer, CALIBRATION_PLAYS, n_tokens)
+
+
+def calibration_text(n_chars: int = 40_000) -> str:
+    """Plain text of ``CALIBRATION_PLAYS`` read in order, cut at a line end after ``n_chars``
+    characters (40k characters ≈ 10k SmolLM2 tokens: more than `collect_hessians`' default 4k)."""
+    text = "\n\n".join(play_text(name) for name in CALIBRATION_PLAYS)
+    cut = text.find("\n", n_chars)
+    return text if cut < 0 else text[: cut + 1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tools/shakespeare.py calib OUT [N_CHARS]``: write calibration text (no eval play) to OUT."""
+    import sys
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) not in (2, 3) or args[0] != "calib":
+        print(main.__doc__, file=sys.stderr)
+        return 2
+    text = calibration_text(int(args[2])) if len(args) == 3 else calibration_text()
+    Path(args[1]).write_text(text, encoding="utf-8")
+    print(f"wrote {len(text):,} characters of {', '.join(CALIBRATION_PLAYS)} to {args[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
