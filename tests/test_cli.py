@@ -232,3 +232,65 @@ def test_disk_full_is_one_line_and_leaves_nothing(
     assert_one_error_line(run_main(capsys, "unpack", tmp_path / "p", "-o", tmp_path / "u"), "No space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p"]
     monkeypatch.setattr(safetensors_io.SafetensorsStreamWriter, "write", real)
+
+
+# -- issue #10: messages in flag names, not-a-.wclust, natural sort, python -m, degenerate packs ---------
+def _run10(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "wcfmt", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def test_python_dash_m_wcfmt() -> None:
+    r = _run10("--version")
+    assert r.returncode == 0 and r.stdout.startswith("wcfmt ")
+
+
+def test_messages_use_flag_names(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    safetensors.torch.save_file({"w.weight": torch.randn(8, 8)}, tmp_path / "m.safetensors")
+    (tmp_path / "o.wclust").write_bytes(b"x")
+    r = _run10("pack", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "o.wclust"))
+    assert r.returncode == 1 and "pass --force to replace it" in r.stderr and "force=True" not in r.stderr
+    r = _run10("pack", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "p.wclust"), "--chunk-rows", "0")
+    assert r.returncode == 1 and "--chunk-rows must be" in r.stderr and "or None" not in r.stderr
+
+
+def test_not_a_wclust_file(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    (tmp_path / "notes.txt").write_text("hello")
+    r = _run10("info", str(tmp_path / "notes.txt"))
+    assert r.returncode == 1 and "not a .wclust file (magic b'hello'" in r.stderr and "truncated" not in r.stderr
+    safetensors.torch.save_file({"w": torch.ones(2)}, tmp_path / "m.safetensors")
+    r = _run10("verify", str(tmp_path / "m.safetensors"))
+    assert r.returncode == 1 and "looks like a safetensors file: pack it with `wcfmt pack`" in r.stderr
+
+
+def test_help_shows_defaults() -> None:
+    r = _run10("unpack", "--help")
+    assert "default 5GB" in r.stdout
+    r = _run10("transform", "--help")
+    assert "(default 0)" in r.stdout
+
+
+def test_info_natural_sort_and_degenerate_flag(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    g = torch.Generator().manual_seed(0)
+    sd = {f"layers.{i}.mlp.up_proj.weight": torch.randn(16, 16, generator=g) for i in (0, 1, 2, 10, 11)}
+    safetensors.torch.save_file(sd, tmp_path / "m.safetensors")
+    r = _run10("pack", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "m.wclust"), "--k", "1")
+    assert r.returncode == 0 and "wcfmt: warning:" in r.stderr and "SQNR below 10 dB" in r.stderr
+    r = _run10("info", str(tmp_path / "m.wclust"))
+    names = [line.split()[0] for line in r.stdout.splitlines()[1:6]]
+    assert names == [f"layers.{i}.mlp.up_proj.weight" for i in (0, 1, 2, 10, 11)]
+    assert r.stdout.count(" !") == 5 and "5 clustered tensor(s) with SQNR below 10 dB" in r.stdout
+
+
+def test_hub_source_offline_is_one_line(tmp_path: Path) -> None:
+    r = _run10("info", "hf://nobody/not-cached", env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path)})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("wcfmt: error: hf://nobody/not-cached:")

@@ -99,9 +99,11 @@ def test_pack_folder_layout(hf: Path, packed: tuple[Path, PackReport, dict[str, 
     assert tree_hash(hf) == before, "the source changed"
     src_shards = sorted(p.stem for p in hf.glob("model-*.safetensors"))
     assert sorted(p.stem for p in dst.glob("*.wclust")) == src_shards
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "original/params.json"):  # fmt: skip
         assert (dst / name).read_bytes() == (hf / name).read_bytes(), name
+    card = (dst / "README.md").read_text()  # the model card (tests/test_card.py), source text kept below ours
+    assert card.startswith("---\n") and card.rstrip().endswith("# tiny llama")
     assert not list(dst.glob("*.safetensors*"))
     assert sorted(report.copied) == sorted(
         ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "README.md",
@@ -295,8 +297,14 @@ def test_existing_output_and_force(hf: Path, tmp_path: Path) -> None:
     (out / "stale.txt").write_text("x")
     with pytest.raises(OutputExistsError):
         pack(hf, out, exclude=["."])
+    # --force replaces only what wcfmt writes: a user's file in the folder makes it refuse (issue #10)
+    with pytest.raises(OutputExistsError, match=r"stale\.txt.*--force replaces only"):
+        pack(hf, out, force=True, exclude=["."])
+    assert (out / "stale.txt").read_text() == "x"
+    (out / "stale.txt").unlink()
+    (out / "model-00009-of-00009.wclust").write_bytes(b"an old shard of ours")
     pack(hf, out, force=True, exclude=["."])  # nothing clustered: fast
-    assert not (out / "stale.txt").exists() and (out / INDEX_NAME).exists()
+    assert not (out / "model-00009-of-00009.wclust").exists() and (out / INDEX_NAME).exists()
     with pytest.raises(UsageError, match="is the source"):
         unpack(tmp_path / "m.wclust", tmp_path / "m.wclust", force=True)
     with pytest.raises(UsageError, match="inside the source"):
@@ -380,9 +388,11 @@ def test_single_file_folder_and_unlisted_files(tmp_path: Path) -> None:
     (src / "config.json").write_text("{}")
     r = pack(src, tmp_path / "out")
     assert r.skipped == [] and r.copied == ["config.json"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(["config.json", INDEX_NAME, "model.wclust"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        ["README.md", "config.json", INDEX_NAME, "model.wclust"]  # README.md: the model card
+    )
     unpack(tmp_path / "out", tmp_path / "back")
-    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "back").iterdir()) == ["README.md", "config.json", "model.safetensors"]
     assert set(safetensors.torch.load_file(tmp_path / "back" / "model.safetensors")) == set(sd)
     # With an index, .safetensors files it does not list (Mistral's consolidated.safetensors) are skipped.
     (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
@@ -393,7 +403,7 @@ def test_single_file_folder_and_unlisted_files(tmp_path: Path) -> None:
     r = pack(src, tmp_path / "out2")
     assert r.skipped == ["consolidated.safetensors"]
     assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == sorted(
-        ["config.json", INDEX_NAME, "model-00001-of-00001.wclust"]
+        ["README.md", "config.json", INDEX_NAME, "model-00001-of-00001.wclust"]
     )
 
 

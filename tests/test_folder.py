@@ -266,10 +266,30 @@ def test_building_folder_is_all_or_nothing(tmp_path: Path) -> None:
         with building_folder(dst, force=True) as tmp:
             raise RuntimeError("boom")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dst / "v1").exists()
+    # force replaces only what wcfmt writes: v1 is not in the new output nor a model file -> refused, kept
+    with pytest.raises(OutputExistsError, match=r"holds files wcfmt did not write \(v1\)"):
+        with building_folder(dst, force=True) as tmp:
+            (tmp / "v2").write_text("2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (dst / "v1").read_text() == "1"
+    (dst / "old.wclust").write_text("a shard of an earlier pack")
     with building_folder(dst, force=True) as tmp:
-        (tmp / "v2").write_text("2")
+        (tmp / "v1").write_text("2")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert sorted(p.name for p in dst.iterdir()) == ["v2"]
+    assert sorted(p.name for p in dst.iterdir()) == ["v1"] and (dst / "v1").read_text() == "2"
+
+
+def test_foreign_files(tmp_path: Path) -> None:
+    from wcfmt.io.folder import foreign_files
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    for f in ("model.wclust", "model.wclust.index.json", "README.md", "modeling_wclust.py", "config.json",
+              "notes.txt", "sub/keep.md", "sub/tok.json", ".git/HEAD"):  # fmt: skip
+        (old / f).parent.mkdir(parents=True, exist_ok=True)
+        (old / f).write_text("x")
+    for f in ("config.json", "sub/tok.json"):
+        (new / f).parent.mkdir(parents=True, exist_ok=True)
+        (new / f).write_text("y")
+    assert foreign_files(old, new) == [".git/HEAD", "notes.txt", "sub/keep.md"]
 
 
 def test_check_output_guards_the_source(tmp_path: Path) -> None:

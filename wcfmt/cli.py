@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
+import warnings
 from typing import Sequence
 
 from . import _version
@@ -50,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also cluster tensors whose name matches RE (re.search; repeatable)")
     pk.add_argument("--exclude", action="append", metavar="RE",
                     help="never cluster tensors whose name matches RE (wins over --include; repeatable)")
-    pk.add_argument("--level", type=int, metavar="L", help="zstd level")
-    pk.add_argument("--threads", type=int, metavar="N", help="encoder/clusterer threads")
+    pk.add_argument("--level", type=int, metavar="L", help="zstd level (default: parameters tuned for label planes)")
+    pk.add_argument("--threads", type=int, metavar="N",
+                    help="encoder/clusterer threads (default: one clusterer per core, encoder min(4, cores))")
     _common(pk)
 
     up = sub.add_parser(
@@ -141,7 +144,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "--text by at most D (runs `wcfmt sensitivity`; cached)")
     pk.add_argument("--text", metavar="FILE", help="text for --budget-ppl")
     _budget_args(pk, "--budget-k")
+    pk.add_argument("--base-model", metavar="ID",
+                    help="Hub id of the source model, for the card's base_model (default: SRC when it is a Hub id)")
+    pk.add_argument("--quality-note", metavar="TEXT", help="quality figures to state in the model card")
+    pk.add_argument("--remote-code", action="store_true",
+                    help="also write a trust_remote_code shim so AutoModel*.from_pretrained loads the folder")
+    pk.add_argument("--push-to-hub", metavar="REPO_ID", help="verify and upload the packed folder to this repository")
+    pk.add_argument("--token", metavar="TOKEN", help="Hub token for a Hub SRC or --push-to-hub (default: stored login)")
+    p.formatter_class = _Help
+    for sp in sub.choices.values():
+        sp.formatter_class = _Help
     return p
+
+
+class _Help(argparse.HelpFormatter):
+    """Shows each option's default, unless it has none (None/False) or its help already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
 
 
 def _budget_args(p: argparse.ArgumentParser, k_flag: str) -> None:
@@ -202,11 +225,14 @@ def _run(args: argparse.Namespace) -> int:
         pr = pack(
             args.src, args.dst, k=args.k, chunk_rows=args.chunk_rows, include=args.include, exclude=args.exclude,
             level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
+            **_card_args(args),
         )  # fmt: skip
         if not args.quiet:
             for name in pr.skipped:
                 print(f"{PROG}: note: {args.src}: {name} is not listed in the index; not packed", file=sys.stderr)
             print(pr.summary())
+            if pr.pushed:
+                print(pr.pushed)
         return 0
     if args.command == "unpack":
         from .convert import unpack
@@ -263,6 +289,25 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
 
 
+def _card_args(args: argparse.Namespace) -> dict[str, object]:
+    return {"base_model": args.base_model, "quality_note": args.quality_note, "remote_code": args.remote_code,
+            "push_to_hub": args.push_to_hub, "token": args.token}
+
+
+#: Library messages name keyword arguments; on the command line they are flags.
+_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(chunk_rows|max_shard_size|k|bits|bits_embed|level|threads|dtype|seed)"
+                         r"(?= must\b|=)")
+
+
+def _cli_message(msg: str) -> str:
+    """``force=True / --force`` -> ``--force``; ``chunk_rows must be ... or None`` -> ``--chunk-rows must be ...``."""
+    msg = msg.replace("force=True / --force", "--force").replace("force=True", "--force")
+    msg, n = _PY_TO_FLAG.subn(lambda m: "--" + m.group(1).replace("_", "-"), msg)
+    if n:
+        msg = msg.replace(" or None,", ",")  # None is "flag not given", which is always allowed
+    return msg
+
+
 def _os_error(e: OSError) -> str:
     parts = [str(x) for x in (e.filename, e.filename2) if x is not None]
     msg = e.strerror or str(e)
@@ -273,9 +318,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage)."""
     args = build_parser().parse_args(argv)
     try:
-        return _run(args)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            status = _run(args)
+        for w in caught:  # the library's warnings (degenerate quality, ...) as one line each
+            print(f"{PROG}: warning: {w.message}", file=sys.stderr)
+        return status
     except WclustError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
+        print(f"{PROG}: error: {_cli_message(str(e))}", file=sys.stderr)
     except BrokenPipeError:  # `wcfmt info ... | head`: the reader left; not an error of ours
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0

@@ -42,6 +42,10 @@ _PREAMBLE = struct.Struct("<8sHHIQQI28s")
 
 def read_preamble(head: bytes, file_size: int, path: object) -> tuple[int, int, int, int, int]:
     """Validate the 64-byte preamble; return (major, minor, header_offset, header_length, header_crc)."""
+    if head[: len(MAGIC)] != MAGIC[: len(head)] or not head:
+        # Not ours at all (a text file, a safetensors file): say so, not "truncated" or "bad version".
+        hint = "; it looks like a safetensors file: pack it with `wcfmt pack`" if _looks_like_safetensors(head) else ""
+        raise FormatError(f"{path}: not a .wclust file (magic {head[: len(MAGIC)]!r}, expected {MAGIC!r}){hint}")
     if file_size < PREAMBLE_SIZE or len(head) < PREAMBLE_SIZE:
         raise FormatError(f"{path}: file is truncated ({file_size} bytes; a .wclust file has at least {PREAMBLE_SIZE})")
     magic, major, minor, flags, h_off, h_len, h_crc, reserved = _PREAMBLE.unpack(head[:PREAMBLE_SIZE])
@@ -65,6 +69,11 @@ def read_preamble(head: bytes, file_size: int, path: object) -> tuple[int, int, 
             f"{path}: file is {kind} (header ends at {h_off + h_len}, file size is {file_size})"
         )
     return major, minor, h_off, h_len, h_crc
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    # safetensors: an 8-byte little-endian header length, then a JSON object.
+    return len(head) > 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") < (100 << 20)
 
 
 class WclustReader:

@@ -224,8 +224,11 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
     """Yield a fresh temporary folder beside ``dst``; on success rename it to ``dst``.
 
     An existing ``dst`` is replaced only with ``force`` (it is moved aside first and removed after
-    the new folder is in place). On any error the temporary folder is removed and ``dst`` is left
-    as it was.
+    the new folder is in place), and only when everything in it is what wcfmt writes: the files
+    of the new output, model shards and indexes, the card and the remote-code shim. A folder that
+    also holds other files (a user's notes, another tool's output) is refused with
+    `OutputExistsError` naming them, so ``--force`` never deletes a file wcfmt did not write. On
+    any error the temporary folder is removed and ``dst`` is left as it was.
     """
     dst = Path(dst)
     if dst.exists() and not force:
@@ -236,6 +239,13 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
         if dst.exists():
             if not force:
                 raise OutputExistsError(f"{dst}: output appeared while it was being built")
+            foreign = foreign_files(dst, tmp)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise OutputExistsError(
+                    f"{dst}: holds files wcfmt did not write ({shown}); --force replaces only wcfmt's own output, "
+                    "so move them away or choose another output folder"
+                )
             old = _fresh_dir(dst, "old-")
             old.rmdir()
             os.replace(dst, old)
@@ -246,6 +256,32 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+#: Top-level files a wcfmt folder output may hold besides the copied ones (an earlier pack/unpack).
+_OURS_SUFFIXES = (SUFFIX, SAFETENSORS_SUFFIX, ".index.json")
+_OURS_NAMES = frozenset({"README.md", "modeling_wclust.py"})
+
+
+def foreign_files(dst: Path, new: Path) -> list[str]:
+    """Files under ``dst`` that replacing it by folder ``new`` would delete and that wcfmt did not write.
+
+    Ours: every path the new output also has (it replaces them), and top-level model shards,
+    indexes, the card and the shim. Everything else (including ``.git``) is the user's.
+    """
+    if not dst.is_dir():
+        return []
+    out = []
+    for p in sorted(dst.rglob("*")):
+        if p.is_dir() and not p.is_symlink():
+            continue
+        rel = p.relative_to(dst)
+        if (new / rel).exists() or (new / rel).is_symlink():
+            continue
+        if len(rel.parts) == 1 and (rel.name.endswith(_OURS_SUFFIXES) or rel.name in _OURS_NAMES):
+            continue
+        out.append(str(rel))
+    return out
 
 
 def _fresh_dir(dst: Path, tag: str) -> Path:

@@ -1,0 +1,58 @@
+"""Model cards and the remote-code shim of packed folders (wcfmt/io/card.py), through `pack`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import wcfmt
+from wcfmt.io.card import class_of
+
+transformers = pytest.importorskip("transformers")
+from huggingface_hub import ModelCard  # noqa: E402
+from test_transformers_io import tiny_llama_folder  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("card")
+    src = tiny_llama_folder(root / "src")
+    (src / "README.md").write_text("---\nlicense: mit\ntags: [tiny]\n---\n\n# Tiny source\n\nSource words.\n")
+    wcfmt.pack(src, root / "packed", k=16, base_model="org/tiny-base", quality_note="perplexity 1.02x of bf16",
+               remote_code=True)  # fmt: skip
+    return src, root / "packed"
+
+
+def test_card_parses_and_names_the_base_model(packed: tuple[Path, Path]) -> None:
+    src, out = packed
+    card = ModelCard.load(out / "README.md")
+    d = card.data.to_dict()
+    assert d["base_model"] == "org/tiny-base" and d["base_model_relation"] == "quantized"
+    assert d["library_name"] == "wcfmt" and d["tags"][0] == "wclust" and "tiny" in d["tags"]
+    assert d["license"] == "mit"  # carried from the source card
+    assert "pip install wcfmt" in card.text and 'wcfmt.from_pretrained("packed")' in card.text
+    assert "perplexity 1.02x of bf16" in card.text
+    assert card.text.rstrip().endswith("Source words.")  # source text kept below ours
+    # per-class rows from the headers: 2 layers of q_proj, K=16, clustered
+    row = next(line for line in card.text.splitlines() if line.startswith("| `self_attn.q_proj.weight`"))
+    assert row.split("|")[2:5] == [" clustered ", " 2 ", " 16 "]
+    assert (src / "README.md").read_text().startswith("---\nlicense: mit")  # source untouched
+
+
+def test_remote_code_loads_through_auto_class(packed: tuple[Path, Path], tmp_path: Path) -> None:
+    _, out = packed
+    folder = shutil.copytree(out, tmp_path / "rc")
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    ref = wcfmt.from_pretrained(folder)
+    assert type(model) is transformers.LlamaForCausalLM
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_class_of() -> None:
+    assert class_of("model.layers.0.mlp.up_proj.weight") == "mlp.up_proj.weight"
+    assert class_of("lm_head.weight") == "lm_head.weight"
