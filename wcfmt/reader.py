@@ -199,7 +199,8 @@ class WclustReader:
         return data
 
     def _reader_for(self, name: str, chunk: int):  # type: ignore[no-untyped-def]
-        def read(blob: Blob, expected: int, what: str) -> bytes | memoryview:
+        def read(blob: Blob, expected: int, what: str, out: np.ndarray | None = None) -> bytes | memoryview:
+            # out: a buffer a zstd frame decodes into (the loader's per-thread scratch), see entropy.decompress
             stored = self._stored(blob)
             got = entropy.crc32(stored)
             if got != blob.crc32:
@@ -210,7 +211,7 @@ class WclustReader:
             try:
                 if blob.encoding == ENCODING_ZSTD:
                     _zstd_frame_rules(stored)
-                return entropy.decompress(stored, blob.encoding, expected)
+                return entropy.decompress(stored, blob.encoding, expected, out)
             except ValueError as e:
                 raise FormatError(f"{where(self.path, name, chunk)}: {what}: {e}") from None
 
@@ -223,21 +224,30 @@ class WclustReader:
         e = self._clustered(name, e)
         return self._checked(name, chunk, lambda: clustered.read_centroids(e, chunk, self._reader_for(name, chunk)))
 
-    def read_labels(self, name: str, chunk: int) -> np.ndarray:
-        """Return the packed label plane of one chunk (verified, decompressed, labels < K)."""
+    def read_labels(self, name: str, chunk: int, scratch: entropy.Scratch | None = None) -> np.ndarray:
+        """Return the packed label plane of one chunk (verified, decompressed, labels < K).
+
+        With ``scratch``, a zstd plane decodes into its buffer (valid until its next use)."""
         name, e = self.resolve(name)
         e = self._clustered(name, e)
-        return self._checked(name, chunk, lambda: clustered.read_labels(e, chunk, self._reader_for(name, chunk)))
+        read = self._reader_for(name, chunk)
+        return self._checked(name, chunk, lambda: clustered.read_labels(e, chunk, read, scratch=scratch))
 
-    def decode_chunk(self, name: str, chunk: int) -> np.ndarray:
-        """Return one chunk's values (flat, storage form) through the canonical decoder."""
+    def decode_chunk(
+        self, name: str, chunk: int, out: np.ndarray | None = None, scratch: entropy.Scratch | None = None
+    ) -> np.ndarray:
+        """Return one chunk's values (flat, storage form) through the canonical decoder.
+
+        ``out`` (a contiguous array of the chunk's size and storage dtype) receives the values;
+        ``scratch`` holds the intermediate planes, so the loader allocates nothing per chunk."""
         name, e = self.resolve(name)
         codec = clustered if isinstance(e, ClusteredEntry) else lossless
         if 0 <= chunk < len(e.chunks):
             rows, row_size = rows_and_row_size(e.shape)
             a, b = chunk_row_ranges(rows, e.chunk_rows)[chunk]
             self.check_budget((b - a) * row_size * itemsize(e.dtype), f"{where(self.path, name, chunk)}")
-        values = self._checked(name, chunk, lambda: codec.decode_chunk(e, chunk, self._reader_for(name, chunk)))
+        read = self._reader_for(name, chunk)
+        values = self._checked(name, chunk, lambda: codec.decode_chunk(e, chunk, read, out=out, scratch=scratch))
         if e.dtype == "BOOL" and values.size and int(values.view(np.uint8).max()) > 1:
             # spec §6.3: a BOOL element is the byte 0 or 1; any other is refused, not read as True
             raise FormatError(f"{where(self.path, name, chunk)}: BOOL element holds a byte other than 0 or 1")

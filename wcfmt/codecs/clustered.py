@@ -75,19 +75,41 @@ def read_centroids(entry: ClusteredEntry, index: int, read: ReadBlob) -> np.ndar
     return table
 
 
-def read_labels(entry: ClusteredEntry, index: int, read: ReadBlob) -> np.ndarray:
-    """Return chunk ``index``'s packed label plane, checked: every label < K, padding zero."""
+def read_labels(
+    entry: ClusteredEntry, index: int, read: ReadBlob, scratch: entropy.Scratch | None = None
+) -> np.ndarray:
+    """Return chunk ``index``'s packed label plane, checked: every label < K, padding zero.
+
+    With ``scratch``, a zstd plane decodes into its slot 0 (``read`` must accept ``out``)."""
     chunk = entry.chunks[index]
     count = chunk_count(entry, index)
-    packed = np.frombuffer(read(chunk.labels, packed_size(count, chunk.label_bits), "labels"), dtype=np.uint8)
+    size = packed_size(count, chunk.label_bits)
+    if scratch is None:
+        stored = read(chunk.labels, size, "labels")
+    else:
+        stored = read(chunk.labels, size, "labels", scratch.get(0, size))  # type: ignore[call-arg]
+    packed = np.frombuffer(stored, dtype=np.uint8)
     top = max_label(packed, chunk.label_bits, count)
     if top >= chunk.k:
         raise ValueError(f"label {top} is out of range for K={chunk.k}")
     return packed
 
 
-def decode_chunk(entry: ClusteredEntry, index: int, read: ReadBlob) -> np.ndarray:
-    """Rebuild chunk ``index`` in the tensor's dtype (storage form), bit-exactly (spec §5.5)."""
+def decode_chunk(
+    entry: ClusteredEntry,
+    index: int,
+    read: ReadBlob,
+    out: np.ndarray | None = None,
+    scratch: entropy.Scratch | None = None,
+) -> np.ndarray:
+    """Rebuild chunk ``index`` in the tensor's dtype (storage form), bit-exactly (spec §5.5).
+
+    ``out``, if given, is a contiguous array of the chunk's size and storage dtype that receives
+    the values; ``scratch`` holds the decoded label plane."""
     table = centroids_as(read_centroids(entry, index, read), entry.dtype)
-    packed = read_labels(entry, index, read)
-    return rebuild_chunk(packed, entry.chunks[index].label_bits, chunk_count(entry, index), table)
+    packed = read_labels(entry, index, read, scratch)
+    values = rebuild_chunk(packed, entry.chunks[index].label_bits, chunk_count(entry, index), table)
+    if out is None:
+        return values
+    out[...] = values
+    return out

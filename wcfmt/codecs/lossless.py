@@ -25,6 +25,10 @@ Payload = tuple[bytes, str]
 ReadBlob = Callable[[Blob, int, str], "bytes | memoryview"]
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
+#: Elements merged per step in `from_planes`: 32K bf16 words (64 KiB) plus their planes and the
+#: rotation's temporary stay within the 1 MiB L2 of the test machine; 4K-64K measured alike.
+_MERGE_BLOCK = 1 << 15
+
 
 def transform_for(dtype: str) -> str:
     return "float_planes" if dtype in FLOAT_PLANES else "byte_planes"
@@ -48,23 +52,50 @@ def to_planes(values: np.ndarray, dtype: str, transform: str) -> list[np.ndarray
     return [np.ascontiguousarray(b[:, size - 1 - p]) for p in range(size)]
 
 
-def from_planes(planes: list[np.ndarray], dtype: str, transform: str) -> np.ndarray:
-    """Inverse of `to_planes`: return storage-form values."""
+def from_planes(
+    planes: list[np.ndarray], dtype: str, transform: str, out: np.ndarray | None = None
+) -> np.ndarray:
+    """Inverse of `to_planes`: return storage-form values (in ``out``, if given: a contiguous
+    1-D array of the planes' length in the storage dtype).
+
+    Words are built in place, `_MERGE_BLOCK` elements at a time, by shift-and-or (about twice as
+    fast as scattering bytes into an (n, size) array), and the float rotation is undone on the
+    same block while it is in L1/L2, so each output byte is written from cache, never re-read
+    from memory, and nothing as large as the chunk is allocated.
+    """
     size = itemsize(dtype)
     word = np.dtype(_UINT[size]).newbyteorder("<")
-    if not planes:
-        return np.zeros(0, storage_dtype(dtype))
-    # Shift-and-or into whole words: about twice as fast as scattering bytes into an (n, size) array.
-    u = planes[0].astype(word)
-    for plane in planes[1:]:
-        u <<= word.type(8)
-        u |= plane
-    if transform == "float_planes":
-        r = u >> word.type(1)
-        u <<= word.type(8 * size - 1)
-        r |= u
-        u = r
-    return u.view(storage_dtype(dtype))
+    n = planes[0].size if planes else 0
+    if any(p.size != n for p in planes):
+        raise ValueError(f"byte planes differ in length ({[p.size for p in planes]})")
+    if out is None:
+        out = np.empty(n, storage_dtype(dtype))
+    elif out.shape != (n,) or not out.flags.c_contiguous or not out.flags.writeable or out.dtype.itemsize != size:
+        raise ValueError(f"out must be a writeable contiguous ({n},) array of {size}-byte elements")
+    if len(planes) != size:
+        raise ValueError(f"{dtype} needs {size} byte planes, got {len(planes)}")
+    if n == 0:
+        return out
+    u = out.view(word)
+    if size == 1:
+        u[...] = planes[0]
+        return out
+    shift, back = word.type(8), word.type(8 * size - 1)
+    rotate = transform == "float_planes"
+    tmp = np.empty(min(n, _MERGE_BLOCK), word) if rotate else None
+    for s in range(0, n, _MERGE_BLOCK):
+        o = u[s : s + _MERGE_BLOCK]
+        np.left_shift(planes[0][s : s + _MERGE_BLOCK], shift, out=o, dtype=word)
+        np.bitwise_or(o, planes[1][s : s + _MERGE_BLOCK], out=o)
+        for plane in planes[2:]:
+            np.left_shift(o, shift, out=o)
+            np.bitwise_or(o, plane[s : s + _MERGE_BLOCK], out=o)
+        if tmp is not None:  # rotate right by one bit: the sign goes back to the top
+            t = tmp[: o.size]
+            np.right_shift(o, word.type(1), out=t)
+            np.left_shift(o, back, out=o)
+            np.bitwise_or(o, t, out=o)
+    return out
 
 
 def encode_chunks(t: torch.Tensor, level: int | None = None) -> tuple[int, list[Callable[[], list[Payload]]]]:
@@ -96,13 +127,28 @@ def make_entry(t: torch.Tensor, chunk_rows: int, blobs: list[list[Blob]]) -> Los
     )
 
 
-def decode_chunk(entry: LosslessEntry, index: int, read: ReadBlob) -> np.ndarray:
-    """Return chunk ``index``'s values in storage form, bit-exactly."""
+def decode_chunk(
+    entry: LosslessEntry,
+    index: int,
+    read: ReadBlob,
+    out: np.ndarray | None = None,
+    scratch: entropy.Scratch | None = None,
+) -> np.ndarray:
+    """Return chunk ``index``'s values in storage form, bit-exactly.
+
+    ``out`` (a contiguous array of the chunk's size and storage dtype) receives them; with
+    ``scratch``, zstd planes decode into its slots (``read`` must then accept ``out``) and raw
+    planes are used where they lie, so nothing the size of the chunk is allocated."""
     rows, row_size = rows_and_row_size(entry.shape)
     a, b = chunk_row_ranges(rows, entry.chunk_rows)[index]
     count = (b - a) * row_size
-    planes = [
-        np.frombuffer(read(blob, count, f"plane {p}"), dtype=np.uint8)
-        for p, blob in enumerate(entry.chunks[index].planes)
-    ]
-    return from_planes(planes, entry.dtype, entry.transform)
+    planes = []
+    for p, blob in enumerate(entry.chunks[index].planes):
+        if scratch is None:
+            stored = read(blob, count, f"plane {p}")
+        else:
+            stored = read(blob, count, f"plane {p}", scratch.get(p, count))  # type: ignore[call-arg]
+        planes.append(np.frombuffer(stored, dtype=np.uint8))
+    if out is not None and out.dtype != storage_dtype(entry.dtype):
+        raise ValueError(f"out has dtype {out.dtype}, expected {storage_dtype(entry.dtype)}")
+    return from_planes(planes, entry.dtype, entry.transform, out)

@@ -30,11 +30,13 @@ which also rejects non-zero padding bits. Callers that already hold a checked pl
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ..codecs.bitpack import max_label, packed_size, unpack_labels
 
-__all__ = ["rebuild_chunk_fast"]
+__all__ = ["rebuild_chunk_fast", "gather_table", "GatherTable"]
 
 #: Indices per np.take call: its intp copy of them (2 MiB) stays in L2; measured best of 2^12..2^20.
 _BLOCK = 1 << 18
@@ -42,6 +44,32 @@ _BLOCK = 1 << 18
 #: Use the byte-pair table for 8-bit labels when the chunk has at least this many labels per
 #: entry to build (K*256 entries); measured to win from K=256 at 256K labels.
 _LABELS_PER_ENTRY = 4
+
+
+@dataclass(frozen=True)
+class GatherTable:
+    """A lookup table built for one (table, label_bits, count): entries of ``per_index`` values,
+    indexed by ``index``-typed words of the packed plane."""
+
+    lut: np.ndarray
+    per_index: int
+    index: type
+    key: tuple[bytes, int, bool]
+
+
+def gather_table(table: np.ndarray, label_bits: int, count: int) -> GatherTable:
+    """Build the lookup table `rebuild_chunk_fast` would build for these arguments, so a caller
+    that rebuilds many chunks with the same centroids (pack's default repeats one table per
+    matrix) builds it once and passes it as ``lut=``."""
+    table = np.ascontiguousarray(table).reshape(-1)
+    if label_bits not in (1, 2, 4, 8):
+        raise ValueError(f"label_bits must be 1, 2, 4 or 8 for a lookup table, got {label_bits}")
+    k = min(table.size, 1 << label_bits)
+    pairs = label_bits == 8 and count >= _LABELS_PER_ENTRY * k * 256
+    key = (table[:k].tobytes(), label_bits, pairs)
+    if pairs:
+        return GatherTable(_byte_pair_table(table[:k]), 2, np.uint16, key)
+    return GatherTable(_byte_table(table[:k], label_bits), 8 // label_bits, np.uint8, key)
 
 
 def rebuild_chunk_fast(
@@ -52,6 +80,7 @@ def rebuild_chunk_fast(
     out: np.ndarray | None = None,
     *,
     checked: bool = False,
+    lut: GatherTable | None = None,
 ) -> np.ndarray:
     """Return ``count`` values ``table[label]`` from a packed label plane, as `rebuild_chunk` does.
 
@@ -90,10 +119,11 @@ def rebuild_chunk_fast(
     k = min(k, 1 << label_bits)  # wider tables cannot be addressed; labels were checked < K
 
     per_byte = 8 // label_bits
-    if label_bits == 8 and count >= _LABELS_PER_ENTRY * k * 256:
-        lut, per_index, index = _byte_pair_table(table[:k]), 2, np.uint16
-    else:
-        lut, per_index, index = _byte_table(table[:k], label_bits), per_byte, np.uint8
+    if lut is None:
+        lut = gather_table(table, label_bits, count)
+    elif lut.key != (table[:k].tobytes(), label_bits, label_bits == 8 and count >= _LABELS_PER_ENTRY * k * 256):
+        raise ValueError("lut was built for another table, label width or chunk size")
+    lut, per_index, index = lut.lut, lut.per_index, lut.index
 
     n_idx = count // per_index
     main = n_idx * per_index
