@@ -98,3 +98,16 @@ def test_cli_push(tmp_path: Path, hub: FakeHub, capsys: pytest.CaptureFixture[st
     assert capsys.readouterr().out.strip() == "https://hub.invalid/me/cli-push/commit/1"
     assert hub.calls[1][1]["revision"] == "dev"
     assert (hub.root / "me/cli-push" / "model.wclust").exists()
+
+
+def test_push_without_network_is_one_line(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    folder, _ = _packed_folder(tmp_path)
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_x", "HF_HOME": str(tmp_path / "h")}
+    r = subprocess.run([sys.executable, "-m", "wcfmt", "push", str(folder), "me/x"], capture_output=True, text=True,
+                       env=env)  # fmt: skip
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("wcfmt: error: push to me/x: ")

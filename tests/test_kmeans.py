@@ -430,7 +430,7 @@ def test_cluster_tensor_property(shape, k, chunk_rows, dtype, seed, scale) -> No
 def test_public_names() -> None:
     assert sorted(wc.__all__) == sorted(
         ["cluster_tensor", "cluster_values", "ClusterPolicy", "DEFAULT_K", "DEFAULT_CHUNK_ROWS", "METHODS",
-         "quality", "optimal_kmeans_1d", "lloyd_kmeans_1d"]
+         "ECSQ_METHODS", "table_entry_bits", "quality", "optimal_kmeans_1d", "lloyd_kmeans_1d"]
     )
     for name in wc.__all__:
         assert hasattr(wc, name)

@@ -46,7 +46,20 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("src", metavar="SRC", help="a .safetensors file or a Hugging Face model folder")
     pk.add_argument("-o", "--output", dest="dst", metavar="DST", required=True,
                     help="output .wclust file (for a file SRC) or folder (for a folder SRC)")
-    pk.add_argument("--k", type=int, metavar="K", help="centroids per row chunk (default: the policy's)")
+    enc = pk.add_mutually_exclusive_group()
+    enc.add_argument("--bits", type=float, metavar="B",
+                     help="entropy-constrained encoder: B stored bits per clustered weight on average over the "
+                     "model, one slope for all tensors (default encoder, at wcfmt.DEFAULT_BITS)")
+    enc.add_argument("--k", type=int, metavar="K",
+                     help="exact k-means with at most K centroids per codebook instead of --bits (the paper's setting)")
+    pk.add_argument("--bits-embed", type=float, metavar="B",
+                    help="a budget of its own for token embeddings / LM heads (default: they share --bits' slope)")
+    pk.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
+                    help="cluster token embeddings and LM heads (default: yes with --bits, no with --k)")
+    pk.add_argument("--calib", metavar="FILE",
+                    help="calibration text: run the model on it (transformers) and choose labels by what each "
+                    "layer's inputs see (GPTQ-style error feedback onto the encoder's grid)")
+    pk.add_argument("--calib-tokens", type=int, metavar="N", help="tokens of --calib used (default 4096)")
     pk.add_argument("--chunk-rows", type=int, metavar="N", help="rows per centroid table (default: the policy's)")
     pk.add_argument("--include", action="append", metavar="RE",
                     help="also cluster tensors whose name matches RE (re.search; repeatable)")
@@ -207,8 +220,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "pack" and args.budget_ppl is not None:
         from .sensitivity import pack_with_budget
 
-        if args.text is None or args.k is not None:
-            raise UsageError("--budget-ppl needs --text FILE and chooses K itself (no --k)")
+        if args.text is None or args.k is not None or args.bits is not None or args.calib is not None:
+            raise UsageError("--budget-ppl needs --text FILE and chooses K itself (no --k, --bits or --calib)")
         pr, chosen, _ = pack_with_budget(
             args.src, args.dst, budget_ppl=args.budget_ppl, text=args.text, ks=args.budget_k, tokens=args.tokens,
             window=args.window, cache=_cache(args), chunk_rows=args.chunk_rows, include=args.include,
@@ -223,8 +236,9 @@ def _run(args: argparse.Namespace) -> int:
         from .convert import pack
 
         pr = pack(
-            args.src, args.dst, k=args.k, chunk_rows=args.chunk_rows, include=args.include, exclude=args.exclude,
-            level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
+            args.src, args.dst, k=args.k, bits=args.bits, bits_embed=args.bits_embed, embeddings=args.embeddings,
+            calib=args.calib, calib_tokens=args.calib_tokens, chunk_rows=args.chunk_rows, include=args.include,
+            exclude=args.exclude, level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
             **_card_args(args),
         )  # fmt: skip
         if not args.quiet:
@@ -295,7 +309,7 @@ def _card_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 #: Library messages name keyword arguments; on the command line they are flags.
-_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(chunk_rows|max_shard_size|k|bits|bits_embed|level|threads|dtype|seed)"
+_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(chunk_rows|max_shard_size|k|bits|bits_embed|calib_tokens|calib|level|threads|dtype|seed)"
                          r"(?= must\b|=)")
 
 

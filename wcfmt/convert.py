@@ -58,7 +58,7 @@ from .reader import WclustReader
 from .schema import AliasEntry, PackSettings
 from .writer import WclustWriter
 
-__all__ = ["pack", "unpack", "PackReport", "UnpackReport", "FileReport", "torch_dtype_of"]
+__all__ = ["pack", "unpack", "PackReport", "UnpackReport", "FileReport", "torch_dtype_of", "DEFAULT_BITS"]
 
 # Dtype-name parsing lives in dtypes.py; re-exported here (``convert.torch_dtype_of`` is public).
 from .dtypes import _DTYPE_NAMES, CASTABLE, torch_dtype_of  # noqa: E402,F401
@@ -112,6 +112,10 @@ class PackReport(_Report):
 
     #: Top-level .safetensors files of the source folder that its index does not list (not packed).
     skipped: list[str] = field(default_factory=list)
+    #: Clustered tensors whose recorded SQNR is below DEGENERATE_SQNR_DB: (name, SQNR dB).
+    degenerate: list[tuple[str, float]] = field(default_factory=list)
+    #: The commit URL when ``push_to_hub`` was given.
+    pushed: str | None = None
 
     @property
     def clustered(self) -> int:
@@ -151,37 +155,111 @@ def pack(
     dst: str | Path,
     *,
     k: int | None = None,
+    bits: float | None = None,
+    bits_embed: float | None = None,
     chunk_rows: int | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
+    k_overrides: dict[str, int] | None = None,
+    bits_overrides: dict[str, float] | None = None,
+    embeddings: bool | None = None,
+    calib: str | Path | None = None,
+    calib_tokens: int | None = None,
     level: int | None = None,
     threads: int | None = None,
     force: bool = False,
     progress: bool = False,
+    base_model: str | None = None,
+    quality_note: str | None = None,
+    remote_code: bool = False,
+    push_to_hub: str | None = None,
+    token: str | bool | None = None,
 ) -> PackReport:
     """Pack a ``.safetensors`` file into a ``.wclust`` file, or a Hugging Face folder into a folder.
 
     Weights the cluster policy selects are clustered, the rest stored losslessly: by default
-    the attention and MLP projection matrices (`wcfmt.cluster.ClusterPolicy`); ``include``
-    regexes add tensors to that set, ``exclude`` regexes remove them (``exclude=["."]``
-    clusters nothing); ``k`` and ``chunk_rows`` default to the policy's.
+    the attention and MLP projection matrices (`wcfmt.cluster.ClusterPolicy`), and in bits mode
+    the token embedding / LM head too (``embeddings``); ``include`` regexes add tensors to that
+    set, ``exclude`` regexes remove them (``exclude=["."]`` clusters nothing).
+
+    Two encoders (give at most one of ``k`` and ``bits``; neither: the default, `DEFAULT_BITS`):
+
+    - ``bits=B``: entropy-constrained clustering with one slope λ for every clustered tensor,
+      so that they spend ``B`` stored bits per weight on average (labels after zstd plus
+      tables; wider or heavier-tailed matrices get more, narrow ones fewer).
+      ``bits_embed`` gives embeddings / LM heads a budget (and λ) of their own;
+      ``bits_overrides`` (regex → bits, first match wins) gives single tensors theirs.
+    - ``k=K``: exact k-means with at most K centroids per codebook (the paper's setting);
+      ``k_overrides`` (regex → K) per tensor.
+
+    ``chunk_rows`` gives a codebook per that many rows (default: one per tensor).
+
+    ``calib``: a text file. The model (a Hugging Face causal LM folder, run with transformers on
+    the CPU) reads its first ``calib_tokens`` tokens (default 4096), and every clustered linear
+    layer's labels are chosen GPTQ-style against its inputs' second moments
+    (`wcfmt.cluster.calibrate`): same tables, same format, labels that cost the layer's *output*
+    less; in bits mode the label choice also pays the encoder's λ per bit. Embeddings keep their
+    plain labels.
 
     A folder gives one ``.wclust`` per source shard (same stem), an index
     ``model.wclust.index.json`` and a copy of every other file (config, tokenizer, …). The
     source's ``__metadata__`` is kept as the user metadata; the settings are recorded in each
     header. ``force`` replaces an existing output; ``level`` is the zstd level; ``threads``
     bounds the encoder's and clusterer's threads.
+
+    ``src`` may be a Hub repository (``hf://org/name[@rev]`` or ``org/name``; downloaded to the
+    cache). A folder output gets a model card (`wcfmt.io.card`): ``base_model`` (default: the Hub
+    source's id) and ``quality_note`` go into it; ``remote_code`` adds the trust_remote_code shim.
+    ``push_to_hub="org/name"`` verifies and uploads the finished folder (``token``: the Hub token).
+    Clustered tensors whose recorded SQNR is below `wcfmt.inspect.DEGENERATE_SQNR_DB` are listed
+    in the report's ``degenerate`` and warned about (`DegenerateQualityWarning`).
     """
+    from .io.card import CardOptions
+    from .io.sources import HubSource, parse_source, resolve_source
+
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    hub_src = parse_source(src) if isinstance(src, str) else None
+    if base_model is None and isinstance(hub_src, HubSource):
+        base_model = hub_src.repo_id
+    src, dst = resolve_source(src, token=token), Path(dst)
     _check_exists(src)
-    policy, settings = _policy(k, chunk_rows, include, exclude, level)
+    card = CardOptions(base_model=base_model, quality_note=quality_note, remote_code=remote_code,
+                       repo_id=push_to_hub or dst.name)  # the card names the final folder, not the temporary one
+    policy, settings = _policy(
+        k, chunk_rows, include, exclude, level, bits=bits, bits_embed=bits_embed, k_overrides=k_overrides,
+        bits_overrides=bits_overrides, embeddings=embeddings,
+    )  # fmt: skip
+    if calib is not None:
+        policy.set_calibration(src, calib, calib_tokens)
+    elif calib_tokens is not None:
+        raise UsageError("calib_tokens needs calib (a calibration text file)")
     if threads is not None and not (isinstance(threads, int) and threads >= 1):
         raise UsageError(f"threads must be a positive integer, got {threads!r}")
     with _Clusterer(threads, _source_bytes(src)) as clusterer:
-        report = _pack(src, dst, policy, settings, level, threads, force, progress, clusterer)
+        report = _pack(src, dst, policy, settings, level, threads, force, progress, clusterer, card)
     report.seconds = time.perf_counter() - t0
+    _warn_degenerate(report)
+    if push_to_hub:
+        from .io.hub import push_to_hub as push
+
+        report.pushed = push(dst, push_to_hub, token=token)
     return report
+
+
+def _warn_degenerate(report: "PackReport") -> None:
+    import warnings
+
+    from .inspect import DEGENERATE_SQNR_DB, DegenerateQualityWarning, degenerate_tensors, info
+
+    report.degenerate = degenerate_tensors(info(report.dst))
+    if report.degenerate:
+        shown = ", ".join(f"{n} ({s:.1f} dB)" for n, s in report.degenerate[:3])
+        more = f" and {len(report.degenerate) - 3} more" if len(report.degenerate) > 3 else ""
+        warnings.warn(
+            f"{report.dst}: {len(report.degenerate)} clustered tensor(s) with SQNR below {DEGENERATE_SQNR_DB:g} dB, "
+            f"the model is likely broken: {shown}{more} (raise --k or --bits)",
+            DegenerateQualityWarning, stacklevel=3,
+        )  # fmt: skip
 
 
 def _source_bytes(src: Path) -> int:
@@ -192,13 +270,14 @@ def _source_bytes(src: Path) -> int:
 
 def _pack(
     src: Path, dst: Path, policy: Any, settings: PackSettings, level: int | None, threads: int | None,
-    force: bool, progress: bool, clusterer: "_Clusterer",
+    force: bool, progress: bool, clusterer: "_Clusterer", card: Any = None,
 ) -> PackReport:
     if src.is_dir():
         check_output(src, dst, force=force, want_dir=True)
         shards = find_safetensors_shards(src)
         headers = [_checked_header(p) for p in shards.paths]  # fail before writing anything
         weight_map = _check_source_index(shards, headers)
+        settings = policy.prepare(shards.paths, settings, progress)
         total_size = sum(t.nbytes for h in headers for t in h.values())
         in_folder = {p.name for p in src.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()}
         report = PackReport(src, dst, skipped=sorted(in_folder - set(shards.files)))
@@ -214,12 +293,17 @@ def _pack(
             write_index(tmp / INDEX_NAME, total_size, out_map, shards.index_metadata)
             copy_files(src, tmp, others)
             report.copied = others
+            if card is not None:  # the model card (wcfmt/io/card.py) reads the finished headers
+                from .io.card import write_card
+
+                write_card(tmp, src, sum(f.source_bytes for f in report.files), card)
         for f in report.files:
             f.dst = dst / f.dst.name
     else:
         check_output(src, dst, force=force, want_dir=False)
         report = PackReport(src, dst)
         total_size = sum(t.nbytes for t in _checked_header(src).values())
+        settings = policy.prepare([src], settings, progress)
         with bar(progress, total=total_size, desc="pack", unit="B", unit_scale=True) as overall:
             report.files.append(
                 _pack_file(src, dst, policy, settings, level, threads, force, progress, overall, clusterer)
@@ -243,20 +327,34 @@ def _worker_ready() -> None:
     return None
 
 
-def cluster_for_storage(t: torch.Tensor, k: int, chunk_rows: int | None, threads: int | None) -> ClusteredTensor:
+def cluster_for_storage(
+    t: torch.Tensor, k: int | None, chunk_rows: int | None, threads: int | None, *, bits: float | None = None,
+    step: float | None = None,
+) -> ClusteredTensor:
     """Cluster with one codebook per ``chunk_rows`` rows (None: per tensor), stored in chunks of at
-    most DEFAULT_STORAGE_CHUNK_ROWS rows so that loading decodes in parallel and by row range."""
+    most DEFAULT_STORAGE_CHUNK_ROWS rows so that loading decodes in parallel and by row range.
+    One of ``k``, ``bits``, ``step`` (as `wcfmt.cluster_tensor`)."""
     from .cluster import cluster_tensor
 
-    ct = cluster_tensor(t, k, chunk_rows, threads=threads)
+    ct = cluster_tensor(t, k, chunk_rows, bits=bits, step=step, threads=threads)
     storage = DEFAULT_STORAGE_CHUNK_ROWS
     if ct.chunk_rows > storage and (len(ct.centroids) == 1 or ct.chunk_rows % storage == 0):
         ct = ct.rechunk(storage)
     return ct
 
 
-def _cluster_in_worker(t: torch.Tensor, k: int, chunk_rows: int | None) -> ClusteredTensor:
-    return cluster_for_storage(t, k, chunk_rows, threads=1)
+def _cluster_spec(t: torch.Tensor, spec: "_Spec", threads: int | None) -> ClusteredTensor:
+    ct = cluster_for_storage(t, spec.k, spec.chunk_rows, threads, step=spec.step)
+    if spec.hessian is not None:
+        from .cluster.calibrate import calibrate_clustered
+
+        lam = float(ct.quality.get("lambda", 0.0)) if ct.quality else 0.0
+        ct = calibrate_clustered(ct, t, spec.hessian, lam=lam, refit=CALIB_REFIT)
+    return ct
+
+
+def _cluster_in_worker(t: torch.Tensor, spec: "_Spec") -> ClusteredTensor:
+    return _cluster_spec(t, spec, 1)
 
 
 class _Clusterer:
@@ -292,11 +390,11 @@ class _Clusterer:
         self.depth = self.workers if self._pool is not None else 0
         self._threads = threads
 
-    def submit(self, t: torch.Tensor, k: int, chunk_rows: int | None) -> Any:
+    def submit(self, t: torch.Tensor, spec: "_Spec") -> Any:
         """Return a future (pool) or a finished ClusteredTensor (in-process)."""
         if self._pool is not None:
-            return self._pool.submit(_cluster_in_worker, t, k, chunk_rows)
-        return cluster_for_storage(t, k, chunk_rows, self._threads)
+            return self._pool.submit(_cluster_in_worker, t, spec)
+        return _cluster_spec(t, spec, self._threads)
 
     def __enter__(self) -> "_Clusterer":
         return self
@@ -320,10 +418,149 @@ def _check_exists(src: Path) -> None:
         raise FileNotFoundError(errno.ENOENT, "No such file or folder", str(src))
 
 
+#: `pack`'s encoder when neither ``k`` nor ``bits`` is given: the entropy-constrained one at this
+#: model-wide average of stored bits per clustered weight (README "Quality and size": measured on
+#: SmolLM2-135M with tools/eval_smollm2.py), embeddings included.
+DEFAULT_BITS: float | None = None
+
+
+#: With ``calib``: after GPTQ labelling, replace each table by its cells' diag(H)-weighted means
+#: (measured on SmolLM2 with tools/eval_smollm2.py --calib; README "Calibration").
+CALIB_REFIT: bool = True
+
+
+@dataclass(frozen=True)
+class _Spec:
+    """How one tensor is clustered: ``k`` (exact k-means) or ``step`` (entropy-constrained), and
+    with calibration the inputs' second moments H of its layer."""
+
+    k: int | None
+    step: float | None
+    chunk_rows: int | None
+    hessian: Any = None
+
+
+class _Plan:
+    """The per-tensor decisions of one pack: the cluster policy plus, in bits mode, the steps of the
+    model-wide allocation (`prepare` reads every clustered tensor's histogram first)."""
+
+    def __init__(self, policy: Any, budgets: dict[str, float] | None) -> None:
+        self.policy = policy
+        self.budgets = budgets
+        self.steps: dict[str, float] = {}
+        self.calib: tuple[Path, Path, int] | None = None
+        self.hessians: dict[str, Any] = {}
+
+    def set_calibration(self, src: Any, calib: str | Path, tokens: int | None) -> None:
+        """Check the calibration arguments (before anything is read or written)."""
+        from .cluster.calibrate import DEFAULT_CALIB_TOKENS
+
+        text = Path(calib)
+        if not text.is_file():
+            raise UsageError(f"calib {text}: no such text file")
+        if tokens is None:
+            tokens = DEFAULT_CALIB_TOKENS
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
+            raise UsageError(f"calib_tokens must be an integer >= 2, got {tokens!r}")
+        self.calib = (Path(src), text, tokens)
+
+    def _collect(self, paths: Sequence[Path], settings: PackSettings, progress: bool) -> PackSettings:
+        from .cluster.calibrate import collect_hessians
+
+        assert self.calib is not None
+        folder, text_path, tokens = self.calib
+        if not folder.is_dir() or not (folder / "config.json").is_file():
+            raise UsageError(f"{folder}: calib needs a Hugging Face model folder (config.json and weights)")
+        try:
+            text = text_path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UsageError(f"calib {text_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        wanted = set()
+        for p in paths:
+            for info in _checked_header(p).values():
+                if self.policy.clusters(info.name, tuple(info.shape), info.dtype) and len(info.shape) == 2 \
+                        and self.policy.group(info.name) != "embed":
+                    wanted.add(info.name)
+        self.hessians = collect_hessians(folder, text, tokens, names=wanted, progress=progress)
+        extra = dict(settings.extra)
+        extra["calib"] = "gptq" + ("+refit" if CALIB_REFIT else "")
+        extra["calib_text"] = text_path.name
+        extra["calib_tokens"] = str(tokens)
+        return settings.model_copy(update={"extra": extra})
+
+    def prepare(self, paths: Sequence[Path], settings: PackSettings, progress: bool) -> PackSettings:
+        """Collect calibration statistics and allocate the bits (bits mode); return the settings
+        with both recorded."""
+        if self.calib is not None:
+            settings = self._collect(paths, settings, progress)
+        if self.budgets is None:
+            return settings
+        from .cluster import table_entry_bits
+        from .cluster.allocate import TensorRate, allocate, coarse_histogram
+        from .cluster.kmeans import value_histogram
+        from .schema import chunk_row_ranges, rows_and_row_size
+
+        rates: dict[str, TensorRate] = {}
+        budgets = dict(self.budgets)
+        headers = [(p, _checked_header(p)) for p in paths]
+        total = sum(t.nbytes for _, h in headers for t in h.values() if self.policy.clusters(t.name, t.shape, t.dtype))
+        with bar(progress, total=total, desc="histograms", unit="B", unit_scale=True) as b:
+            for p, h in headers:
+                with SafetensorsSource(p) as source:
+                    for info in h.values():
+                        if not self.policy.clusters(info.name, tuple(info.shape), info.dtype):
+                            continue
+                        values = to_numpy(source.get_tensor(info.name)).reshape(-1)
+                        rows, row_size = rows_and_row_size(tuple(info.shape))
+                        cr = self.policy.chunk_rows or max(1, rows)
+                        hists, entry = [], []
+                        for a, e in chunk_row_ranges(rows, cr):
+                            try:
+                                hist = value_histogram(values[a * row_size : e * row_size], info.dtype)
+                            except (WclustError, ValueError) as err:
+                                raise UsageError(f"{where(p, info.name)}: cannot cluster: {err}") from err
+                            hists.append(coarse_histogram(hist))
+                            entry.append(table_entry_bits(e - a, rows))
+                        own = self.policy.bits_for(info.name)
+                        group = self.policy.group(info.name)
+                        if own is not None:
+                            group = f"tensor:{info.name}"
+                            budgets[group] = own
+                        elif group not in budgets:
+                            group = "model"
+                        rates[info.name] = TensorRate(hists, entry, group)
+                        b.update(info.nbytes)
+        alloc = allocate(rates, budgets)
+        self.steps = alloc.steps
+        extra = dict(settings.extra)
+        for g in sorted(alloc.group_bits):
+            if g.startswith("tensor:"):
+                continue
+            key = "" if g == "model" else f"_{g}"
+            extra[f"bits{key}"] = f"{alloc.group_bits[g]:g}"
+            extra[f"lambda{key}"] = f"{alloc.group_lambda[g]:.6g}"
+            extra[f"step{key}"] = f"{alloc.group_step[g]:.6g}"
+        return settings.model_copy(update={"extra": extra})
+
+    def clusters(self, name: str, shape: Sequence[int], dtype: str) -> bool:
+        return self.policy.clusters(name, shape, dtype)
+
+    def decide(self, name: str, shape: Sequence[int], dtype: str) -> _Spec | None:
+        if not self.policy.clusters(name, shape, dtype):
+            return None
+        h = self.hessians.get(name)
+        if self.budgets is None:
+            k, rows = self.policy.decide(name, shape, dtype)
+            return _Spec(k, None, rows, h)
+        return _Spec(None, self.steps[name], self.policy.chunk_rows, h)
+
+
 def _policy(
     k: int | None, chunk_rows: int | None, include: Sequence[str] | None, exclude: Sequence[str] | None,
-    level: int | None,
-) -> tuple[Any, PackSettings]:
+    level: int | None, *, bits: float | None = None, bits_embed: float | None = None,
+    k_overrides: dict[str, int] | None = None, bits_overrides: dict[str, float] | None = None,
+    embeddings: bool | None = None,
+) -> tuple[_Plan, PackSettings]:
     from .cluster import ClusterPolicy
 
     for what, pats in (("include", include), ("exclude", exclude)):
@@ -331,7 +568,20 @@ def _policy(
             raise UsageError(f"{what} must be a list of regexes, not one string ({pats!r})")
     if level is not None and not (isinstance(level, int) and -131072 <= level <= 22):
         raise UsageError(f"level must be a zstd level, an integer in -131072..22, got {level!r}")
-    kwargs: dict[str, Any] = {}
+    if k is not None and bits is not None:
+        raise UsageError(f"give k or bits, not both (k={k!r}, bits={bits!r})")
+    if k is None and bits is None and DEFAULT_BITS is not None and not k_overrides:
+        bits = DEFAULT_BITS
+    bits_mode = bits is not None
+    if not bits_mode:
+        for what, v in (("bits_embed", bits_embed), ("bits_overrides", bits_overrides)):
+            if v:
+                raise UsageError(f"{what} needs the bits encoder (give bits, not k)")
+    elif k_overrides:
+        raise UsageError("k_overrides needs the k-means encoder (give k, not bits)")
+    if embeddings is None:
+        embeddings = bits_mode
+    kwargs: dict[str, Any] = {"embeddings": bool(embeddings)}
     if k is not None:
         kwargs["k"] = k
     if chunk_rows is not None:
@@ -340,17 +590,33 @@ def _policy(
         kwargs["include"] = include
     if exclude is not None:
         kwargs["exclude"] = exclude
-    policy = ClusterPolicy(**kwargs)  # checks k, chunk_rows and the regexes (UsageError)
+    if k_overrides:
+        kwargs["k_overrides"] = k_overrides
+    if bits_mode:
+        kwargs["bits"] = bits
+        kwargs["bits_overrides"] = bits_overrides
+    policy = ClusterPolicy(**kwargs)  # checks k, bits, chunk_rows and the regexes (UsageError)
+    budgets = None
+    if bits_mode:
+        budgets = {"model": float(policy.bits)}
+        if bits_embed is not None:
+            from .cluster.policy import _check_bits
+
+            budgets["embed"] = _check_bits(bits_embed, "bits_embed")
+    extra = {"storage_chunk_rows": str(DEFAULT_STORAGE_CHUNK_ROWS)}
+    if embeddings:
+        extra["embeddings"] = "clustered"
+    fields: dict[str, Any] = {
+        "k": policy.k,
+        "chunk_rows": policy.chunk_rows,
+        "include": list(include) if include else None,
+        "exclude": list(exclude) if exclude else None,
+        "level": level,
+    }
     settings = PackSettings(
-        k=getattr(policy, "k", k),
-        chunk_rows=getattr(policy, "chunk_rows", chunk_rows),
-        include=list(include) if include else None,
-        exclude=list(exclude) if exclude else None,
-        level=level,
-        method="exact",
-        extra={"storage_chunk_rows": str(DEFAULT_STORAGE_CHUNK_ROWS)},
+        **{n: v for n, v in fields.items() if v is not None}, method="ecsq" if bits_mode else "exact", extra=extra
     )
-    return policy, settings
+    return _Plan(policy, budgets), settings
 
 
 def _check_source_index(shards: Shards, headers: list[dict[str, TensorInfo]]) -> dict[str, str]:
@@ -405,9 +671,8 @@ def _pack_file(
                     item: Any = t
                     report.lossless += 1
                 else:
-                    kk, rows = decision
                     try:
-                        item = clusterer.submit(t, kk, rows)
+                        item = clusterer.submit(t, decision)
                     except (WclustError, ValueError) as e:
                         raise UsageError(f"{where(src, info.name)}: cannot cluster: {e}") from e
                     report.clustered += 1
@@ -461,8 +726,10 @@ def unpack(
     and ``safetensors.torch.save_model`` do (safetensors cannot store shared tensors);
     ``transformers`` ties them again on load. The report's ``dropped`` lists them.
     """
+    from .io.sources import resolve_source
+
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_source(src), Path(dst)  # a Hub repository (hf://org/name) is downloaded first
     _check_exists(src)
     want = name_of(torch_dtype_of(dtype)) if dtype is not None else None
     limit = parse_size(max_shard_size)

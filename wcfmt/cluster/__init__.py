@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from ..clustered_tensor import ClusteredTensor
+from ..constants import DEFAULT_STORAGE_CHUNK_ROWS
 from ..dtypes import CLUSTERABLE, from_numpy, name_of, to_numpy
 from ..errors import UsageError
 from ..schema import chunk_row_ranges, rows_and_row_size
@@ -35,6 +37,7 @@ from .kmeans import (
     solve_centroids,
     value_histogram,
 )
+from .ecsq import TABLE_ENTRY_BITS, dp_cells, ecsq_cells, slope_of_step, step_for_bits, table_for_cells
 from .policy import DEFAULT_CHUNK_ROWS, DEFAULT_K, ClusterPolicy
 from .report import ChunkStats, combine, quality
 
@@ -45,10 +48,15 @@ __all__ = [
     "DEFAULT_K",
     "DEFAULT_CHUNK_ROWS",
     "METHODS",
+    "ECSQ_METHODS",
+    "table_entry_bits",
     "quality",
     "optimal_kmeans_1d",
     "lloyd_kmeans_1d",
 ]
+
+#: Methods of the entropy-constrained encoder (``bits=`` / ``step=``); the first is the default.
+ECSQ_METHODS: tuple[str, ...] = ("uniform", "dp")
 
 #: Most F32 elements whose histograms are held at once (about 400 MiB of them).
 _F32_WAVE = 1 << 24
@@ -90,14 +98,28 @@ def _run(threads: int, fn: Callable[[_T], _R], items: list[_T]) -> list[_R]:
 
 def cluster_tensor(
     t: torch.Tensor,
-    k: int,
+    k: int | None = None,
     chunk_rows: int | None = None,
     *,
+    bits: float | None = None,
+    step: float | None = None,
     importance: torch.Tensor | None = None,
-    method: str = "exact",
+    method: str | None = None,
     threads: int | None = None,
 ) -> ClusteredTensor:
-    """Cluster a weight: every row chunk gets its own table of at most ``k`` fp16 centroids.
+    """Cluster a weight: every row chunk gets its own table of at most 256 fp16 centroids.
+
+    Give exactly one of:
+
+    - ``k``: at most ``k`` centroids per chunk, the least squared error (exact 1-D k-means);
+    - ``bits``: entropy-constrained clustering (`wcfmt.cluster.ecsq`) to at most ``bits``
+      stored bits per weight on average (labels after zstd, modelled at 1.011× their entropy,
+      plus tables counted once per 256-row storage chunk, as `wcfmt pack` stores them): cells
+      of one width over the whole tensor (equal slope), centroids their exact means;
+    - ``step``: the same encoder at a given cell width (what `wcfmt pack`'s model-wide
+      allocation hands each tensor).
+
+    Other arguments:
 
     - ``t``: an F32/F16/BF16 tensor of any shape; rows are dimension 0 (a 1-D tensor has one
       element per row, a 0-d tensor one row).
@@ -105,13 +127,22 @@ def cluster_tensor(
     - ``importance``: optional weights ≥ 0 of the squared error, either of ``t``'s shape or one
       per input column (length ``t.shape[-1]``, broadcast over rows, e.g. E[x_j²] from
       calibration activations). A chunk whose importance is all zero is clustered unweighted.
-    - ``method``: ``"exact"`` (the optimal clustering) or ``"lloyd"`` (for comparisons).
+    - ``method``: with ``k``, ``"exact"`` (default, the optimal clustering) or ``"lloyd"`` (for
+      comparisons); with ``bits``/``step``, ``"uniform"`` (default: uniform cells, then
+      Lagrangian merges) or ``"dp"`` (the exact ECSQ programme at the same slope, O(M²) per
+      chunk: the reference).
     - ``threads``: worker threads over chunks (numpy releases the GIL); None = all CPUs
       this process may use. The result does not depend on it.
 
     The result's ``quality`` holds ``rel_error``, ``sqnr_db``, ``label_entropy_bits`` and
-    ``k_mean`` (see `wcfmt.cluster.report`). Raises `UsageError` on bad arguments, NaN/inf
-    values, or a centroid outside the fp16 range.
+    ``k_mean`` (see `wcfmt.cluster.report`), and with ``bits``/``step`` also ``step`` and
+    ``lambda`` (the slope: weighted squared error per bit). Raises `UsageError` on bad
+    arguments, NaN/inf values, or a centroid outside the fp16 range.
+
+    >>> w = torch.randn(512, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    >>> ct = cluster_tensor(w, bits=4.0)
+    >>> 3.9 < ct.quality["label_entropy_bits"] < 4.0, ct.ks[0] <= 256
+    (True, True)
     """
     if not isinstance(t, torch.Tensor):
         raise UsageError(f"cluster_tensor needs a torch.Tensor, got {type(t).__name__}")
@@ -121,12 +152,24 @@ def cluster_tensor(
         dtype = str(t.dtype)
     if dtype not in CLUSTERABLE:
         raise UsageError(f"cannot cluster dtype {t.dtype}: need float32, float16 or bfloat16")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 256:
+    given = [n for n, v in (("k", k), ("bits", bits), ("step", step)) if v is not None]
+    if len(given) != 1:
+        raise UsageError(f"give exactly one of k, bits or step (got {', '.join(given) or 'none'})")
+    ecsq_mode = k is None
+    if not ecsq_mode and (isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 256):
         raise UsageError(f"k must be an integer in 1..256, got {k!r}")
+    for what, v in (("bits", bits), ("step", step)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            raise UsageError(f"{what} must be a positive number, got {v!r}")
+    if bits is not None and bits > 16:
+        raise UsageError(f"bits must be at most 16 (labels are at most 8 bits, tables 16), got {bits!r}")
+    methods = ECSQ_METHODS if ecsq_mode else METHODS
+    if method is None:
+        method = methods[0]
     if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
         raise UsageError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
-    if method not in METHODS:
-        raise UsageError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in methods:
+        raise UsageError(f"method must be one of {methods} with {given[0]}, got {method!r}")
     if threads is None:
         threads = _default_threads()
     elif isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -165,6 +208,10 @@ def cluster_tensor(
         stats = ChunkStats.from_histogram(h.x, h.count, rebuilt, label_bounds(h, rebuilt))
         return from_numpy(table, "F16"), stats
 
+    if ecsq_mode:
+        hists = dict(enumerate(_run(threads, histogram, list(range(len(ranges))))))
+        return _finish_ecsq(t, shape, cr, ranges, row_size, values, labels, hists, bits, step, method, threads)
+
     # Chunks go in waves: a 16-bit chunk's histogram is tiny, so one wave holds them all; an F32
     # one holds every distinct value (24 bytes each), so waves stop at _F32_WAVE elements.
     waves: list[list[int]] = []
@@ -193,4 +240,62 @@ def cluster_tensor(
         dtype=t.dtype,
         shape=torch.Size(shape),
         quality=combine([s for _, s in done]),
+    )
+
+
+def table_entry_bits(codebook_rows: int, rows: int) -> float:
+    """Stored bits of one table entry of a codebook of ``codebook_rows`` rows (of ``rows``): pack
+    stores a codebook in storage chunks of at most DEFAULT_STORAGE_CHUNK_ROWS rows, each
+    carrying a copy of its table (`wcfmt.convert.cluster_for_storage`)."""
+    span = min(codebook_rows, max(rows, 1))
+    return float(TABLE_ENTRY_BITS * max(1, -(-span // DEFAULT_STORAGE_CHUNK_ROWS)))
+
+
+def _finish_ecsq(
+    t: torch.Tensor, shape: tuple[int, ...], cr: int, ranges: list[tuple[int, int]], row_size: int,
+    values: np.ndarray, labels: np.ndarray, hists: dict[int, ValueHistogram], bits: float | None,
+    step: float | None, method: str, threads: int,
+) -> ClusteredTensor:
+    """The entropy-constrained path of `cluster_tensor`: one slope for every chunk."""
+    dtype = name_of(t.dtype)
+    rows = rows_and_row_size(shape)[0]
+    entry = [table_entry_bits(b - a, rows) for a, b in ranges]
+    # Equal slope over chunks of different mean importance ω: step_c = s/√ω_c.
+    omega = [float(hists[i].weight.sum() / hists[i].count.sum()) if hists[i].x.size else 1.0 for i in range(len(ranges))]
+    scales = [1.0 / math.sqrt(o) for o in omega]
+    if step is None:
+        assert bits is not None
+        from .allocate import coarse_histogram  # F32: bisect on ≤ 8,192 grid cells, not every value
+
+        step = step_for_bits([coarse_histogram(hists[i]) for i in range(len(ranges))], float(bits), entry, scales)
+    lam = slope_of_step(step)
+
+    def finish(i: int) -> tuple[torch.Tensor, ChunkStats]:
+        a, b = ranges[i]
+        h = hists[i]
+        if h.x.size == 0:
+            raise UsageError(f"chunk {i} (rows {a}..{b - 1}) has no values of nonzero weight")
+        if method == "dp":
+            cells = dp_cells(h, lam, entry[i])
+        else:
+            cells = ecsq_cells(h, step * scales[i], entry[i])
+        try:
+            table, rebuilt, bounds, cuts = table_for_cells(h, cells, dtype)
+        except UsageError as e:
+            raise UsageError(f"chunk {i} (rows {a}..{b - 1}): {e}") from e
+        part = slice(a * row_size, b * row_size)
+        assign_labels(values[part], dtype, rebuilt, out=labels[part], cuts=cuts)
+        return from_numpy(table, "F16"), ChunkStats.from_histogram(h.x, h.count, rebuilt, bounds)
+
+    done = _run(threads, finish, list(range(len(ranges))))
+    q = combine([s for _, s in done])
+    q["step"] = float(step)
+    q["lambda"] = float(lam)
+    return ClusteredTensor(
+        labels=from_numpy(labels, "U8").reshape(shape),
+        centroids=[tbl for tbl, _ in done],
+        chunk_rows=cr,
+        dtype=t.dtype,
+        shape=torch.Size(shape),
+        quality=q,
     )

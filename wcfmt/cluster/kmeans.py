@@ -55,6 +55,7 @@ __all__ = [
     "value_histogram",
     "solve_centroids",
     "round_centroids",
+    "rebuilt_of_each",
     "assign_labels",
     "label_bounds",
     "cluster_values",
@@ -615,16 +616,31 @@ def round_centroids(centroids: np.ndarray, dtype: str) -> tuple[np.ndarray, np.n
     if dtype == "BF16":
         c = _round_sig(c, 8)
     t16 = _round_fp16(c)
+    _check_fp16_range(c, t16)
+    t16 = np.unique(t16 + np.float16(0.0))  # merges duplicates and -0/+0
+    rebuilt = _rebuilt_values(t16, dtype)
+    keep = np.concatenate(([True], rebuilt[1:] != rebuilt[:-1]))
+    return t16[keep], rebuilt[keep]
+
+
+def rebuilt_of_each(centroids: np.ndarray, dtype: str) -> np.ndarray:
+    """The value each centroid rebuilds to once rounded as `round_centroids` rounds it, without
+    merging: element ``i`` is one of the ``rebuilt`` values `round_centroids` returns."""
+    c = np.asarray(centroids, dtype=np.float64)
+    if dtype == "BF16":
+        c = _round_sig(c, 8)
+    t16 = _round_fp16(c)
+    _check_fp16_range(c, t16)
+    return _rebuilt_values(t16 + np.float16(0.0), dtype)
+
+
+def _check_fp16_range(c: np.ndarray, t16: np.ndarray) -> None:
     bad = ~np.isfinite(t16)
     if bad.any():
         raise UsageError(
             f"centroid {c[bad][0]:.7g} is outside the fp16 range ±{_FP16_MAX:g}: "
             f"this tensor cannot be clustered (store it lossless)"
         )
-    t16 = np.unique(t16 + np.float16(0.0))  # merges duplicates and -0/+0
-    rebuilt = _rebuilt_values(t16, dtype)
-    keep = np.concatenate(([True], rebuilt[1:] != rebuilt[:-1]))
-    return t16[keep], rebuilt[keep]
 
 
 def _rebuilt_values(table: np.ndarray, dtype: str) -> np.ndarray:
@@ -637,8 +653,8 @@ def _rebuilt_values(table: np.ndarray, dtype: str) -> np.ndarray:
     return stored.astype(np.float64)
 
 
-def _label_lut(dtype: str, rebuilt: np.ndarray) -> np.ndarray:
-    mids = (rebuilt[1:] + rebuilt[:-1]) / 2  # exact: fp16/bf16 values add exactly in float64
+def _label_lut(dtype: str, mids: np.ndarray) -> np.ndarray:
+    # Midpoints of fp16/bf16 values are exact in float64.
     vals = _pattern_values(dtype)
     lut = np.searchsorted(mids, vals, side="left")
     lut[~np.isfinite(vals)] = 0
@@ -663,8 +679,14 @@ def _f32_bucket_lut(m32: np.ndarray) -> np.ndarray:
     return np.where(lo == hi, lo, 0xFFFF).astype(np.uint16)
 
 
-def assign_labels(values: np.ndarray, dtype: str, rebuilt: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+def assign_labels(
+    values: np.ndarray, dtype: str, rebuilt: np.ndarray, out: np.ndarray | None = None, cuts: np.ndarray | None = None
+) -> np.ndarray:
     """Label every value with its nearest rebuilt centroid (ties → the lower); uint8, flat.
+
+    ``cuts`` (strictly ascending float64, one fewer than the labels) replaces the midpoints of
+    ``rebuilt`` as the decision thresholds: a value's label is the number of cuts below it.
+    The entropy-constrained encoder uses it, whose cells are not nearest-centroid regions.
 
     BF16/F16: one 65,536-entry table indexed by the bit pattern. F32: a table indexed by the top
     20 bits of the pattern gives the label of every bucket no midpoint splits; the values of
@@ -674,13 +696,14 @@ def assign_labels(values: np.ndarray, dtype: str, rebuilt: np.ndarray, out: np.n
     v = np.asarray(values).reshape(-1)
     if out is None:
         out = np.empty(v.size, dtype=np.uint8)
+    mids = (rebuilt[1:] + rebuilt[:-1]) / 2 if cuts is None else np.asarray(cuts, dtype=np.float64)
     if dtype in ("BF16", "F16"):
-        lut = _label_lut(dtype, rebuilt)
+        lut = _label_lut(dtype, mids)
         bits = v.view(np.uint16)
         for s in range(0, v.size, _BLOCK):
             np.take(lut, bits[s : s + _BLOCK], out=out[s : s + _BLOCK], mode="clip")
         return out
-    m32 = _f32_floor((rebuilt[1:] + rebuilt[:-1]) / 2)
+    m32 = _f32_floor(mids)
     lut = _f32_bucket_lut(m32)
     bits = v.view(np.uint32)
     for s in range(0, v.size, _BLOCK):

@@ -18,7 +18,7 @@ from ..constants import MAX_K
 from ..dtypes import CLUSTERABLE
 from ..errors import UsageError
 
-__all__ = ["DEFAULT_K", "DEFAULT_CHUNK_ROWS", "DEFAULT_PATTERNS", "ClusterPolicy"]
+__all__ = ["DEFAULT_K", "DEFAULT_CHUNK_ROWS", "DEFAULT_PATTERNS", "EMBEDDING_PATTERN", "GROUPS", "ClusterPolicy"]
 
 #: Centroids per row chunk. The one place the default lives; tuned from perplexity measurements.
 DEFAULT_K: Final[int] = 64
@@ -58,6 +58,22 @@ DEFAULT_PATTERNS: Final[dict[str, str]] = {
 
 _DEFAULT_RE: Final[re.Pattern[str]] = re.compile("|".join(f"(?:{p})" for p in DEFAULT_PATTERNS.values()))
 
+#: Token embeddings and LM heads (Llama/Mistral/Qwen2 embed_tokens and lm_head, GPT-2 wte, BERT
+#: word_embeddings, NeoX embed_in/embed_out, Meta tok_embeddings/output): clustered by the
+#: entropy-constrained encoder (``embeddings=True``), lossless otherwise. Position and token-type
+#: embeddings are small and stay lossless.
+EMBEDDING_PATTERN: Final[str] = (
+    r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|embed_in|tok_embeddings)\.weight$"
+    r"|(?:^|\.)(?:lm_head|embed_out)\.weight$|^output\.weight$"
+)
+_EMBEDDING_RE: Final[re.Pattern[str]] = re.compile(EMBEDDING_PATTERN)
+_ATTENTION_RE: Final[re.Pattern[str]] = re.compile(
+    r"(?:attn|attention|\.(?:q_proj|k_proj|v_proj|o_proj|wq|wk|wv|wo)\.)"
+)
+
+#: Budget groups of the entropy-constrained encoder (`ClusterPolicy.group`).
+GROUPS: Final[tuple[str, ...]] = ("embed", "attention", "mlp")
+
 
 def _compile(patterns: Sequence[str] | None, what: str) -> list[re.Pattern[str]]:
     if patterns is None:
@@ -77,6 +93,12 @@ def _check_k(k: object, what: str) -> int:
     return k
 
 
+def _check_bits(b: object, what: str) -> float:
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 16:
+        raise UsageError(f"{what} must be a number of bits per weight in (0, 16], got {b!r}")
+    return float(b)
+
+
 class ClusterPolicy:
     """Decide, per tensor, whether it is clustered and with what ``(k, chunk_rows)``.
 
@@ -87,6 +109,10 @@ class ClusterPolicy:
       (and at least one element) are ever clustered, whatever the patterns say.
     - ``k_overrides``: regex → K for tensors that are clustered; the first match, in the
       dict's order, wins.
+    - ``bits``: instead of ``k``, the entropy-constrained encoder at this model-wide average of
+      stored bits per weight (the allocation lives in `wcfmt.convert.pack`);
+      ``bits_overrides``: regex → bits for tensors that get a budget of their own;
+      ``embeddings``: also cluster token embeddings and LM heads (`EMBEDDING_PATTERN`).
 
     >>> p = ClusterPolicy(k_overrides={r"\\.down_proj\\.": 128})
     >>> p.decide("model.layers.0.self_attn.q_proj.weight", (576, 576), "BF16")
@@ -99,13 +125,31 @@ class ClusterPolicy:
 
     def __init__(
         self,
-        k: int = DEFAULT_K,
+        k: int | None = DEFAULT_K,
         chunk_rows: int | None = DEFAULT_CHUNK_ROWS,
         include: list[str] | None = None,
         exclude: list[str] | None = None,
         k_overrides: dict[str, int] | None = None,
+        *,
+        bits: float | None = None,
+        bits_overrides: dict[str, float] | None = None,
+        embeddings: bool = False,
     ) -> None:
-        self.k = _check_k(k, "k")
+        if bits is not None:
+            if k is not None and k != DEFAULT_K:
+                raise UsageError(f"give k or bits, not both (k={k!r}, bits={bits!r})")
+            k = None
+            bits = _check_bits(bits, "bits")
+        elif k is None:
+            raise UsageError("give k or bits")
+        self.k = None if k is None else _check_k(k, "k")
+        self.bits = bits
+        self.embeddings = bool(embeddings)
+        self.bits_overrides = dict(bits_overrides or {})
+        self._bits_overrides = [
+            (rx, _check_bits(b, f"bits_overrides[{pat!r}]"))
+            for rx, (pat, b) in zip(_compile(list(self.bits_overrides), "bits_overrides"), self.bits_overrides.items())
+        ]
         if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
             raise UsageError(f"chunk_rows must be a positive integer or None, got {chunk_rows!r}")
         self.chunk_rows = chunk_rows
@@ -126,20 +170,44 @@ class ClusterPolicy:
         """True when ``name`` is in the clustered set (default ∪ include, minus exclude), dtype aside."""
         if any(rx.search(name) for rx in self._exclude):
             return False
+        if self.embeddings and _EMBEDDING_RE.search(name):
+            return True
         return bool(_DEFAULT_RE.search(name)) or any(rx.search(name) for rx in self._include)
+
+    @staticmethod
+    def group(name: str) -> str:
+        """The budget group of a tensor: ``"embed"``, ``"attention"`` or ``"mlp"`` (everything else).
+
+        >>> ClusterPolicy.group("model.embed_tokens.weight"), ClusterPolicy.group("model.layers.0.self_attn.q_proj.weight")
+        ('embed', 'attention')
+        """
+        if _EMBEDDING_RE.search(name):
+            return "embed"
+        return "attention" if _ATTENTION_RE.search(name) else "mlp"
+
+    def bits_for(self, name: str) -> float | None:
+        """A per-tensor bits override (first matching regex), or None: the tensor shares its group's λ."""
+        return next((b for rx, b in self._bits_overrides if rx.search(name)), None)
+
+    def clusters(self, name: str, shape: Sequence[int], dtype: str) -> bool:
+        """True when tensor ``name`` of that shape and dtype is clustered (either mode)."""
+        shape = tuple(int(s) for s in shape)
+        if dtype not in CLUSTERABLE or len(shape) < 2 or math.prod(shape) == 0:
+            return False
+        return self.matches(name)
 
     def decide(self, name: str, shape: Sequence[int], dtype: str) -> tuple[int, int | None] | None:
         """Return ``(k, chunk_rows)`` to cluster tensor ``name``, or None to store it lossless."""
-        shape = tuple(int(s) for s in shape)
-        if dtype not in CLUSTERABLE or len(shape) < 2 or math.prod(shape) == 0:
-            return None
-        if not self.matches(name):
+        if not self.clusters(name, shape, dtype):
             return None
         k = next((kk for rx, kk in self._overrides if rx.search(name)), self.k)
+        if k is None:
+            raise UsageError(f"{name}: a bits policy gives no k (use clusters() and the bit allocation)")
         return k, self.chunk_rows
 
     def __repr__(self) -> str:
+        mode = f"bits={self.bits}, bits_overrides={self.bits_overrides}" if self.bits is not None else f"k={self.k}"
         return (
-            f"ClusterPolicy(k={self.k}, chunk_rows={self.chunk_rows}, include={self.include}, "
-            f"exclude={self.exclude}, k_overrides={self.k_overrides})"
+            f"ClusterPolicy({mode}, chunk_rows={self.chunk_rows}, include={self.include}, "
+            f"exclude={self.exclude}, k_overrides={self.k_overrides}, embeddings={self.embeddings})"
         )

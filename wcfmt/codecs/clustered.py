@@ -32,7 +32,7 @@ def encode_chunks(ct: ClusteredTensor, level: int | None = None) -> list[Callabl
             k = table.size
             bits = label_bits_for_k(k)
             packed = pack_labels(lab, bits)
-            return [(table.astype("<f2").tobytes(), ENCODING_RAW), entropy.compress(packed.tobytes(), level)]
+            return [(table.astype("<f2").tobytes(), ENCODING_RAW), entropy.compress(packed.tobytes(), level, kind="labels")]
 
         return run
 

@@ -1,9 +1,9 @@
 """The entropy stage: zstd frames over label and byte planes (spec §7).
 
 Each blob is one zstd frame (or raw bytes when zstd would not make it smaller). Defaults are
-tuned on label streams: match finding only hurts there (level 3 gives 1.03 x entropy, level 1
-or the fast strategy with min_match=7 gives 1.008 x at ~1 GB/s), and zstd's Huffman literal
-coder does the work.
+tuned on label streams: match finding only hurts there (level 3 gives 1.03 x entropy; the fast
+strategy with min_match=7 and a tiny hash table 1.008-1.04 x, ~0.6 GB/s), and zstd's Huffman
+literal coder does the work (see `_HASH_LOG`).
 
 Reading is on every load's critical path, so two things here are chosen for speed:
 
@@ -63,11 +63,19 @@ class Scratch:
         return buf[:nbytes]
 
 
-def _params(level: int | None) -> zstandard.ZstdCompressionParameters:
+#: ``level=None`` parameters per plane kind. Label planes: window 2^17 keeps zstd's blocks at
+#: their 128 KiB maximum (a block is never larger than the window, and each block pays for its
+#: own Huffman table), and the smallest hash table (2^6) all but turns match finding off: on
+#: low-entropy labels (2.5 bits) the fast strategy's 7-byte matches are frequent and cost more
+#: than the literals they replace (2.74 bits/label with hash_log 12, 2.56 with 6, against 2.53
+#: for an ideal Huffman code; tools/bench_format.py --labels). Byte planes keep a real hash table.
+_HASH_LOG = {"labels": 6, "bytes": 12}
+
+
+def _params(level: int | None, kind: str = "bytes") -> zstandard.ZstdCompressionParameters:
     if level is None:
-        # Measured on K=32 labels (4M, one byte each): 1.008 x entropy, ~1 GB/s compress.
         return zstandard.ZstdCompressionParameters(
-            window_log=17, hash_log=12, chain_log=12, search_log=1, min_match=7,
+            window_log=17, hash_log=_HASH_LOG[kind], chain_log=12, search_log=1, min_match=7,
             target_length=0, strategy=zstandard.STRATEGY_FAST, write_content_size=True,
             write_checksum=False, write_dict_id=False,
         )
@@ -76,22 +84,26 @@ def _params(level: int | None) -> zstandard.ZstdCompressionParameters:
     )
 
 
-def _compressor(level: int | None) -> zstandard.ZstdCompressor:
+def _compressor(level: int | None, kind: str = "bytes") -> zstandard.ZstdCompressor:
     cache = getattr(_local, "compressors", None)
     if cache is None:
         cache = _local.compressors = {}
-    c = cache.get(level)
+    c = cache.get((level, kind))
     if c is None:
-        c = cache[level] = zstandard.ZstdCompressor(compression_params=_params(level))
+        c = cache[(level, kind)] = zstandard.ZstdCompressor(compression_params=_params(level, kind))
     return c
 
 
-def compress(data: bytes | memoryview, level: int | None = None) -> tuple[bytes, str]:
-    """Return (stored bytes, encoding): a zstd frame, or the input when zstd does not shrink it."""
+def compress(data: bytes | memoryview, level: int | None = None, kind: str = "bytes") -> tuple[bytes, str]:
+    """Return (stored bytes, encoding): a zstd frame, or the input when zstd does not shrink it.
+
+    ``kind`` (``"labels"`` or ``"bytes"``) picks the tuned parameters when ``level`` is None."""
+    if kind not in _HASH_LOG:
+        raise ValueError(f"kind must be one of {sorted(_HASH_LOG)}, got {kind!r}")
     raw = bytes(data) if not isinstance(data, bytes) else data
     if not raw:
         return b"", ENCODING_RAW
-    frame = _compressor(level).compress(raw)
+    frame = _compressor(level, kind).compress(raw)
     if len(frame) >= len(raw):
         return raw, ENCODING_RAW
     return frame, ENCODING_ZSTD

@@ -48,9 +48,17 @@ def push_to_hub(
     for shard in shards:
         with WclustReader(shard) as r:
             r.verify()
-    api = HfApi(token=token)
+    from .sources import hub_error
+
+    try:
+        return _upload(HfApi(token=token), path, repo_id, len(shards), private, revision, commit_message, create_pr)
+    except Exception as e:  # no network, no permission, ...: one line, not an httpx traceback
+        raise hub_error(f"push to {repo_id}", e) from None
+
+
+def _upload(api, path: Path, repo_id: str, n: int, private, revision, commit_message, create_pr) -> str:  # type: ignore[no-untyped-def]
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    message = commit_message or f"Upload {len(shards)} .wclust shard(s) with wcfmt"
+    message = commit_message or f"Upload {n} .wclust shard(s) with wcfmt"
     if path.is_file():
         info = api.upload_file(
             path_or_fileobj=str(path), path_in_repo=path.name, repo_id=repo_id, revision=revision,

@@ -1,0 +1,202 @@
+"""The entropy-constrained encoder (wcfmt/cluster/ecsq.py and cluster_tensor(bits=...)).
+
+Expectations come from brute force over every interval partition, from hand-worked cases, and
+from measuring what the writer stores — never from the solver under test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import wcfmt
+from wcfmt.cluster import cluster_tensor
+from wcfmt.cluster.ecsq import (
+    cell_stats,
+    ecsq_cells,
+    ecsq_dp,
+    lagrangian,
+    merge_cells,
+    uniform_cells,
+)
+from wcfmt.cluster.kmeans import ValueHistogram, value_histogram
+from wcfmt.dtypes import to_numpy
+from wcfmt.errors import UsageError
+
+
+def brute_force(x: np.ndarray, n: np.ndarray, w: np.ndarray, lam: float, entry: float, k_max: int | None) -> float:
+    """Least J over all 2^(M-1) interval partitions, computed directly from its definition."""
+    m = x.size
+    total = n.sum()
+    best = math.inf
+    for cuts in itertools.product([0, 1], repeat=m - 1):
+        b = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [m]
+        if k_max is not None and len(b) - 1 > k_max:
+            continue
+        j = 0.0
+        for a, e in zip(b[:-1], b[1:]):
+            xs, ws, ns = x[a:e], w[a:e], n[a:e]
+            mu = float((ws * xs).sum() / ws.sum())
+            j += float((ws * (xs - mu) ** 2).sum())
+            nc = float(ns.sum())
+            j += lam * (nc * -math.log2(nc / total) + entry)
+        best = min(best, j)
+    return best
+
+
+def objective(x: np.ndarray, n: np.ndarray, w: np.ndarray, bounds: np.ndarray, lam: float, entry: float) -> float:
+    h = ValueHistogram("F32", x, n.astype(np.int64), w)
+    return lagrangian(cell_stats(h, bounds), lam, entry)
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("k_max", [None, 2, 3])
+def test_dp_matches_brute_force(seed: int, k_max: int | None) -> None:
+    rng = np.random.default_rng(seed)
+    m = int(rng.integers(2, 10))
+    x = np.sort(rng.choice(np.linspace(-3, 3, 61), size=m, replace=False))
+    n = rng.integers(1, 50, size=m).astype(np.float64)
+    w = n * rng.uniform(0.2, 2.0, size=m) if seed % 2 else n.copy()
+    lam = float(rng.choice([0.0, 0.003, 0.03, 0.3]))
+    entry = float(rng.choice([0.0, 16.0]))
+    bounds = ecsq_dp(x, n, w, lam, entry, k_max=k_max)
+    assert bounds[0] == 0 and bounds[-1] == m and (np.diff(bounds) > 0).all()
+    if k_max is not None:
+        assert bounds.size - 1 <= k_max
+    got = objective(x, n, w, bounds, lam, entry)
+    assert got == pytest.approx(brute_force(x, n, w, lam, entry, k_max), rel=1e-9, abs=1e-12)
+
+
+def test_dp_hand_worked() -> None:
+    # Two tight pairs far apart: at a small slope two cells, at a huge slope one.
+    x, n = np.array([0.0, 0.1, 5.0, 5.1]), np.ones(4)
+    assert ecsq_dp(x, n, n, lam=0.01).tolist() == [0, 2, 4]
+    assert ecsq_dp(x, n, n, lam=100.0).tolist() == [0, 4]
+    # λ = 0: every value its own cell (zero error).
+    assert ecsq_dp(x, n, n, lam=0.0).tolist() == [0, 1, 2, 3, 4]
+
+
+def test_uniform_cells_are_mid_tread() -> None:
+    h = ValueHistogram("F32", np.array([-0.51, -0.49, 0.0, 0.49, 0.51, 1.6]), np.ones(6, dtype=np.int64), np.ones(6))
+    # cells floor(x + 1/2): -1 | 0 0 0 | 1 | 2
+    assert uniform_cells(h, 1.0).tolist() == [0, 1, 4, 5, 6]
+    with pytest.raises(UsageError):
+        uniform_cells(h, 0.0)
+
+
+def test_merge_respects_cap_and_only_lowers_j() -> None:
+    rng = np.random.default_rng(3)
+    v = rng.standard_t(3, size=200_000).astype(np.float32)
+    h = value_histogram(v, "F32")
+    stats = cell_stats(h, uniform_cells(h, 0.01))
+    assert stats.n.size > 256
+    lam = 1e-3
+    capped = cell_stats(h, merge_cells(stats, lam, 16.0, k_max=256))
+    assert capped.n.size <= 256
+    # Without a binding cap a merge happens only when it lowers J.
+    few = cell_stats(h, uniform_cells(h, 0.5))
+    merged = cell_stats(h, merge_cells(few, lam, 16.0, k_max=256))
+    assert lagrangian(merged, lam, 16.0) <= lagrangian(few, lam, 16.0)
+
+
+def test_fast_path_close_to_dp_optimum() -> None:
+    # The uniform quantiser + merges is within 1% of the exact ECSQ optimum's J at equal slope.
+    rng = np.random.default_rng(0)
+    v = torch.from_numpy(rng.standard_t(4, size=300_000).astype(np.float32) * 0.02).to(torch.bfloat16)
+    h = value_histogram(to_numpy(v), "BF16")
+    for step in (0.004, 0.002):
+        fast = ecsq_cells(h, step, 16.0)
+        lam = step * step * math.log(2) / 6
+        exact = cell_stats(h, ecsq_dp(h.x, h.count, h.weight, lam, 16.0))
+        jf, je = lagrangian(fast, lam, 16.0), lagrangian(exact, lam, 16.0)
+        assert je <= jf * (1 + 1e-12)
+        assert jf <= je * 1.01
+
+
+def stored_bits_per_weight(path, name: str) -> float:
+    """Bits per weight of one clustered tensor as stored: its blobs' lengths, read from the header."""
+    from wcfmt.reader import WclustReader
+
+    r = WclustReader(path)
+    try:
+        entry = r.header.tensors[name]
+    finally:
+        r.close()
+    return 8 * sum(c.labels.length + c.centroids.length for c in entry.chunks) / math.prod(entry.shape)
+
+
+@pytest.mark.parametrize("bits", [2.5, 3.5, 4.5, 5.5, 6.5])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_achieved_bits_within_two_percent(tmp_path, bits: float, dtype: torch.dtype) -> None:
+    rng = np.random.default_rng(int(bits * 10))
+    w = torch.from_numpy(rng.standard_t(4, size=(512, 1024)).astype(np.float32) * 0.02).to(dtype)
+    ct = cluster_tensor(w, bits=bits, threads=1)
+    from wcfmt.convert import cluster_for_storage  # what pack stores: 256-row storage chunks
+
+    stored = cluster_for_storage(w, None, None, threads=1, bits=bits)
+    assert torch.equal(stored.decode(), ct.decode())
+    path = tmp_path / "w.wclust"
+    wcfmt.save_file({"w": stored}, path)
+    got = stored_bits_per_weight(path, "w")
+    assert got == pytest.approx(bits, rel=0.02)
+    assert max(ct.ks) <= 256
+
+
+def test_cap_256_on_heavy_tails() -> None:
+    # Many bits on a heavy-tailed matrix wants more than 256 cells: the cap holds.
+    rng = np.random.default_rng(1)
+    w = torch.from_numpy(rng.standard_t(1.5, size=(1024, 512)).astype(np.float32)).to(torch.bfloat16)
+    ct = cluster_tensor(w, bits=9.0, threads=1)
+    assert max(ct.ks) <= 256
+    assert ct.ks[0] >= 200
+
+
+def test_deterministic_bytes(tmp_path) -> None:
+    w = (torch.randn(300, 700, generator=torch.Generator().manual_seed(5)) * 0.05).to(torch.bfloat16)
+    a = cluster_tensor(w, bits=4.0, chunk_rows=128, threads=1)
+    b = cluster_tensor(w, bits=4.0, chunk_rows=128, threads=3)
+    wcfmt.save_file({"w": a}, tmp_path / "a.wclust")
+    wcfmt.save_file({"w": b}, tmp_path / "b.wclust")
+    assert (tmp_path / "a.wclust").read_bytes() == (tmp_path / "b.wclust").read_bytes()
+
+
+def test_labels_decode_to_cell_means_and_tables_ascend() -> None:
+    rng = np.random.default_rng(2)
+    w = torch.from_numpy(rng.laplace(size=(64, 256)).astype(np.float32))
+    ct = cluster_tensor(w, bits=3.0, threads=1)
+    table = ct.centroids[0].to(torch.float64)
+    assert (table[1:] > table[:-1]).all()
+    lab = ct.labels.reshape(-1).long()
+    x = w.reshape(-1).to(torch.float64)
+    # every label's values form an interval, in label order (a label is its centroid's rank)
+    lo = torch.full((table.numel(),), math.inf, dtype=torch.float64).scatter_reduce(0, lab, x, "amin")
+    hi = torch.full((table.numel(),), -math.inf, dtype=torch.float64).scatter_reduce(0, lab, x, "amax")
+    assert (hi[:-1] < lo[1:]).all()
+    # centroid = the cell's mean, rounded to fp16 (F32 tensor)
+    mean = torch.zeros(table.numel(), dtype=torch.float64).index_add_(0, lab, x) / torch.bincount(lab).to(torch.float64)
+    assert torch.equal(mean.to(torch.float16).to(torch.float64), table)
+
+
+def test_ecsq_beats_kmeans_on_heavy_tails_at_equal_entropy() -> None:
+    # The point of the encoder: at the same label entropy, a lower error than k-means.
+    rng = np.random.default_rng(4)
+    w = torch.from_numpy(rng.standard_t(3, size=(512, 1024)).astype(np.float32) * 0.02).to(torch.bfloat16)
+    km = cluster_tensor(w, k=32, threads=1)
+    target = km.quality["label_entropy_bits"]
+    ec = cluster_tensor(w, bits=target, threads=1)
+    assert ec.quality["label_entropy_bits"] <= target
+    assert ec.quality["sqnr_db"] > km.quality["sqnr_db"] + 0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"k": 16, "bits": 4.0}, {"bits": 0}, {"bits": -1.0}, {"bits": float("nan")}, {"bits": 17.0},
+     {"step": 0.0}, {"bits": 4.0, "method": "exact"}, {"k": 16, "method": "dp"}, {"bits": True}],
+)
+def test_bad_arguments(kwargs: dict) -> None:
+    with pytest.raises(UsageError):
+        cluster_tensor(torch.randn(8, 8), **kwargs)
