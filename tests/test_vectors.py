@@ -149,3 +149,40 @@ def test_manifest_fields_are_documented() -> None:
         assert f"`{f}`" in readme, f
     for op in {op[0] for e in MANIFEST["invalid"].values() for op in e["repair"]}:
         assert f"`{op}`" in readme, op
+
+
+def _blob_refs(node: object) -> list[dict]:
+    if isinstance(node, dict):
+        if {"offset", "length", "crc32"} <= set(node):
+            return [node]
+        return [b for v in node.values() for b in _blob_refs(v)]
+    if isinstance(node, list):
+        return [b for v in node for b in _blob_refs(v)]
+    return []
+
+
+@pytest.mark.parametrize("folder", ["valid", "invalid"])
+def test_vectors_leave_no_nonzero_padding(folder: str) -> None:
+    """Padding is the one writer MUST readers need not check (spec §3.2), so no vector may
+    carry nonzero padding: a reader that does check it would reject a file for the wrong reason."""
+    checked = 0
+    for name in sorted(MANIFEST[folder]):
+        raw = (VECTORS / folder / name).read_bytes()
+        if len(raw) < 64:
+            continue
+        h_off, h_len = struct.unpack_from("<QQ", raw, 16)
+        if not 64 <= h_off <= len(raw):
+            continue
+        try:
+            header = json.loads(raw[h_off : h_off + h_len])
+        except ValueError:
+            header = json.loads((VECTORS / "valid" / "fault_base.wclust").read_bytes()[h_off:])  # data is fault_base's
+        covered = bytearray(h_off)
+        for b in _blob_refs(header):
+            o, n = b["offset"], b["length"]
+            if isinstance(o, int) and isinstance(n, int) and 0 <= o <= h_off:
+                covered[o : min(h_off, o + n)] = b"\x01" * (min(h_off, o + n) - o)
+        pad = [i for i in range(64, h_off) if not covered[i] and raw[i]]
+        assert not pad, f"{name}: nonzero padding at {pad[:4]}"
+        checked += 1
+    assert checked >= len(MANIFEST[folder]) - 12

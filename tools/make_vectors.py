@@ -473,9 +473,18 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
                 "§4.5 same shape as target", [["header_set", tpath("head", "shape"), [16, 8]]])
     header_edit("alias_dtype_mismatch", lambda h: h["tensors"]["head"].update(dtype="F16"), "HeaderError",
                 "§4.5 same dtype as target", [["header_set", tpath("head", "dtype"), "BF16"]])
-    up_chunks = B.header["tensors"]["up"]["chunks"]
-    header_edit("wrong_chunk_count", lambda h: h["tensors"]["up"]["chunks"].pop(), "HeaderError", "§4.6 chunk count",
-                [["header_set", tpath("up", "chunks"), up_chunks]])
+    def drop(blobs: list[dict[str, Any]]) -> Callable[[Draft], None]:
+        # a blob the header no longer lists has its bytes zeroed: no nonzero padding left behind
+        def f(d: Draft) -> None:
+            for b in blobs:
+                d.data[b["offset"] : b["offset"] + b["length"]] = bytes(b["length"])
+        return f
+
+    def wrong_chunk_count(d: Draft) -> None:
+        c = d.header["tensors"]["up"]["chunks"].pop()
+        drop([c["centroids"], c["labels"]])(d)
+
+    blob_edit("wrong_chunk_count", wrong_chunk_count, "HeaderError", "§4.6 chunk count")
     header_edit("chunk_rows_zero", lambda h: h["tensors"]["empty"].update(chunk_rows=0), "HeaderError",
                 "§5.1/§6.1 chunk_rows >= 1", [["header_set", tpath("empty", "chunk_rows"), 1]])
     # §5.1-§5.2 clustered entries
@@ -484,27 +493,44 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
     header_edit("quality_not_number", lambda h: h["tensors"]["up"]["quality"].update(rel_error="low"), "HeaderError",
                 "§5.6 quality string -> number", [["header_set", tpath("up", "quality", "rel_error"), 0.125]])
 
-    def k_zero(h: dict[str, Any]) -> None:
-        c = h["tensors"]["ones"]["chunks"][0]
+    def k_zero(d: Draft) -> None:
+        c = d.header["tensors"]["ones"]["chunks"][0]
+        d.set_blob(c["centroids"], b"")  # the old table's bytes zeroed: no nonzero padding left behind
         c["k"] = 0
-        c["centroids"] = dict(c["centroids"], length=0, crc32=0)
 
-    ones_c = B.header["tensors"]["ones"]["chunks"][0]
-    header_edit("k_zero", k_zero, "HeaderError", "§5.2 k in 1..256 (centroid length 2k kept consistent)",
-                [["header_set", tpath("ones", "chunks", 0), ones_c]])
+    blob_edit("k_zero", k_zero, "HeaderError", "§5.2 k in 1..256 (centroid length 2k kept consistent)")
     tiny_last = B.header["tensors"]["tiny"]["chunks"][2]
     assert tiny_last["k"] == 8 and tiny_last["label_bits"] == 4
     header_edit("label_bits_wrong", lambda h: h["tensors"]["tiny"]["chunks"][2].update(label_bits=8), "HeaderError",
                 "§5.2 label_bits = width(k) (one label: the plane size is the same)",
                 [["header_set", tpath("tiny", "chunks", 2, "label_bits"), 4]])
+    def k_too_large(d: Draft) -> None:
+        # 257 finite ascending fp16 values, appended; `ones` keeps label_bits 0 (no width fits k > 256)
+        c = d.header["tensors"]["ones"]["chunks"][0]
+        table = np.arange(257, dtype="<f2").tobytes()
+        old = c["centroids"]
+        d.data[old["offset"] : old["offset"] + old["length"]] = bytes(old["length"])
+        c["k"] = 257
+        c["centroids"] = dict(c["centroids"], offset=d.append(table), length=len(table), crc32=crc(table))
+
+    blob_edit("k_too_large", k_too_large, "HeaderError", "§5.2 k in 1..256 (k = 257, centroids 2k bytes)",
+              ["§5.2 label_bits = width(k) (no width exists for k > 256)"])
+
+    def centroids_length(d: Draft) -> None:
+        # the table's blob takes in two bytes of the (zero) padding after it, CRC fixed up
+        ref = d.ref("signs", 0, "centroids")
+        assert d._room(ref) >= ref["length"] + 2
+        ref["length"] += 2
+        ref["crc32"] = crc(d.stored(ref))
+
+    blob_edit("centroids_length_not_2k", centroids_length, "HeaderError", "§5.2 centroid blob is 2k bytes")
     header_edit("centroids_not_raw", lambda h: h["tensors"]["up"]["chunks"][0]["centroids"].update(encoding="zstd"),
                 "HeaderError", "§5.2 centroid blob is raw", [["header_set", tpath("up", "chunks", 0, "centroids", "encoding"), "raw"]])
     # §4.4 blob fields, §6.1 lossless entries
     header_edit("float_planes_on_integers", lambda h: h["tensors"]["ids"].update(transform="float_planes"), "HeaderError",
                 "§6.1 float_planes only for float dtypes", [["header_set", tpath("ids", "transform"), "byte_planes"]])
-    ids_planes = B.header["tensors"]["ids"]["chunks"][0]["planes"]
-    header_edit("wrong_plane_count", lambda h: h["tensors"]["ids"]["chunks"][0]["planes"].pop(), "HeaderError",
-                "§6.1 one plane per byte of the element", [["header_set", tpath("ids", "chunks", 0, "planes"), ids_planes]])
+    blob_edit("wrong_plane_count", lambda d: drop([d.header["tensors"]["ids"]["chunks"][0]["planes"].pop()])(d),
+              "HeaderError", "§6.1 one plane per byte of the element")
     header_edit("crc_out_of_range", lambda h: h["tensors"]["ids"]["chunks"][0]["planes"][0].update(crc32=2**32),
                 "HeaderError", "§4.4 crc32 < 2^32", [["blob_crc", tpath("ids", "chunks", 0, "planes", 0)]])
     # unknown codec in a newer minor: the file opens, but loading that tensor is refused (§10)
