@@ -81,7 +81,7 @@ def load_file(
     *,
     dtype: torch.dtype | None = None,
     threads: int | None = None,
-    max_bytes: int | None = None,
+    max_bytes: int | str | None = None,
 ) -> dict[str, torch.Tensor]:
     """Load every tensor of a .wclust file as dense torch tensors on ``device``.
 
@@ -90,13 +90,13 @@ def load_file(
     cross PCIe compact and are expanded on the device. Aliases come back as the same tensor
     object as their target. ``dtype`` converts floating-point tensors (as ``.to(dtype)``).
     ``max_bytes`` caps the decoded bytes of all tensors together (`UsageError` before anything
-    is allocated): use it on untrusted files (spec §9.1).
+    is allocated): use it on untrusted files (spec §9.1); ``"auto"`` allows 64 times the file's
+    size, at least 256 MiB (`wcfmt.reader.auto_max_bytes`, what the ``wcfmt`` command uses).
     """
     from .rebuild.stream import load_tensors
 
     with WclustReader(path, max_bytes=max_bytes) as reader:
-        stored = [n for n, e in reader.header.tensors.items() if not isinstance(e, AliasEntry)]
-        reader.check_budget(sum(reader.nbytes(n) for n in stored), str(reader.path))
+        reader.check_file_budget()
         return load_tensors(reader, device=device, dtype=dtype, threads=threads)
 
 
@@ -174,7 +174,7 @@ class safe_open:
         device: str | torch.device = "cpu",
         *,
         use_mmap: bool = True,
-        max_bytes: int | None = None,
+        max_bytes: int | str | None = None,
     ) -> None:
         if framework not in ("pt", "torch", "numpy", "np"):
             raise UsageError(f"{filename}: framework {framework!r} is not supported (use 'pt' or 'numpy')")

@@ -7,6 +7,7 @@ replaces a good file with a bad one.
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -45,11 +46,14 @@ class AtomicFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
+        except OSError as e:  # read-only or full: name the output, not a random temporary name
+            raise type(e)(e.errno, e.strerror, str(self.path)) from None
         self.tmp = Path(tmp)
         try:
             os.chmod(fd, new_file_mode())  # mkstemp makes 0600; the result should look like any new file
-            self.file: BinaryIO = os.fdopen(fd, "w+b")
+            self.file: BinaryIO = _NamedFile(io.FileIO(fd, "r+"), self.path)
         except BaseException:
             os.close(fd)
             self.tmp.unlink(missing_ok=True)
@@ -60,7 +64,10 @@ class AtomicFile:
         """Flush to disk and rename into place (replacing an existing file)."""
         try:
             self.file.flush()
-            os.fsync(self.file.fileno())
+            try:
+                os.fsync(self.file.fileno())
+            except OSError as e:
+                raise _named(e, self.path) from None
             self.file.close()
             os.replace(self.tmp, self.path)
             self.done = True
@@ -73,8 +80,38 @@ class AtomicFile:
         self.done = True
         try:
             self.file.close()
+        except OSError:
+            pass  # flushing what is left failed (the disk is still full): it is being discarded anyway
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+class _NamedFile(io.BufferedRandom):
+    """The temporary file. A failed write (full disk, file size limit, I/O error) raises an
+    `OSError` that names the destination: the OS gives none for a write, and the temporary name
+    would mean nothing to the user."""
+
+    def __init__(self, raw: io.FileIO, dest: Path) -> None:
+        super().__init__(raw)
+        self.dest = dest
+
+    def write(self, b) -> int:  # type: ignore[no-untyped-def,override]
+        try:
+            return super().write(b)
+        except OSError as e:
+            raise _named(e, self.dest) from None
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError as e:
+            raise _named(e, self.dest) from None
+
+
+def _named(e: OSError, path: Path) -> OSError:
+    if e.filename is not None or e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, str(path))
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", metavar="D", help="cast floating-point tensors (bf16, fp16, fp32, ...)")
     up.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                     help="largest shard of a folder output, e.g. 5GB, 500MB (decimal units; default 5GB)")
+    _max_bytes_arg(up)
     _common(up)
 
     inf = sub.add_parser("info", help="list tensors, codecs, K, bits/weight and sizes")
@@ -101,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="check structure and every checksum of a file or folder")
     ver.add_argument("path", metavar="FILE_OR_DIR")
+    _max_bytes_arg(ver)
     ver.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
 
     tf = sub.add_parser(
@@ -205,6 +207,27 @@ _TRANSFORM_MODES = ("affine", "affine-correct", "sorted-gaussian", "monotone-fre
                     "sign-scramble", "rank-break", "gaussian", "permute")
 
 
+def _max_bytes_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-bytes", default="auto", metavar="SIZE",
+                   help="refuse a file whose tensors decode to more than SIZE bytes (e.g. 20GB; 0: no cap), "
+                   "checked from its header before decoding (spec §9.1); default auto: 64x the file's size, "
+                   "at least 256 MiB")
+
+
+def _max_bytes(text: str) -> int | str | None:
+    if text == "auto":
+        return "auto"
+    if text.strip() in ("0", "0B"):
+        return None
+    from .io.safetensors_io import parse_size
+
+    try:
+        n = parse_size(text)
+    except (ValueError, WclustError):
+        raise UsageError(f"--max-bytes must be a size such as 20GB, 0 or auto, got {text!r}") from None
+    return n
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace DST if it exists")
     p.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
@@ -252,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
         from .convert import unpack
 
         ur = unpack(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
-                    progress=_progress(args))
+                    progress=_progress(args), max_bytes=_max_bytes(args.max_bytes))
         if not args.quiet:
             print(ur.summary())
         return 0
@@ -265,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "verify":
         from .inspect import verify
 
-        vr = verify(args.path, progress=_progress(args))
+        vr = verify(args.path, progress=_progress(args), max_bytes=_max_bytes(args.max_bytes))
         if not args.quiet:
             print(vr.summary())
         return 0

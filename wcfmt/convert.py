@@ -711,6 +711,7 @@ def unpack(
     max_shard_size: int | str = "5GB",
     force: bool = False,
     progress: bool = False,
+    max_bytes: int | str | None = None,
 ) -> UnpackReport:
     """Unpack a ``.wclust`` file to ``.safetensors``, or a packed folder to a Hugging Face folder.
 
@@ -725,6 +726,9 @@ def unpack(
     Tied tensors (aliases) are written once, under their target's name, as ``save_pretrained``
     and ``safetensors.torch.save_model`` do (safetensors cannot store shared tensors);
     ``transformers`` ties them again on load. The report's ``dropped`` lists them.
+
+    ``max_bytes`` (an int, ``"auto"`` or ``None``, as `WclustReader`'s) bounds each file's
+    decoded bytes, checked from its header before anything is written (`UsageError`).
     """
     from .io.sources import resolve_source
 
@@ -741,7 +745,8 @@ def unpack(
     try:
         for p in paths:
             # Positioned reads, not mmap: mapped pages would count in the RSS of a whole-model pass.
-            readers.append(WclustReader(p, use_mmap=False))
+            readers.append(WclustReader(p, use_mmap=False, max_bytes=max_bytes))
+            readers[-1].check_file_budget()
         items, metadata, sources = _unpack_plan(readers, want, report)
         if shards is not None:
             check_weight_map(shards, {n: r.path.name for r in readers for n in r.header.tensors})

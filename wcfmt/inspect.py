@@ -261,12 +261,16 @@ class VerifyReport:
         return f"OK: {self.path}: {self.files} file(s), {self.tensors} tensors, {format_size(self.bytes)} checked"
 
 
-def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyReport:
+def verify(
+    path: str | os.PathLike[str], *, progress: bool = False, max_bytes: int | str | None = None
+) -> VerifyReport:
     """Check the structure and every checksum of a .wclust file or of every file of a packed folder.
 
     For a folder the index must agree with the files (every listed tensor in the file it names,
     no tensor in two files). Raises `FormatError` (or `ChecksumError`, `HeaderError`,
-    `VersionError`) naming the file, tensor and chunk at the first problem.
+    `VersionError`) naming the file, tensor and chunk at the first problem. ``max_bytes`` (an
+    int, ``"auto"`` or ``None``, as `WclustReader`'s) bounds each file's decoded bytes, checked
+    from its header before anything is decoded (`UsageError`).
     """
     from .io.sources import resolve_source
 
@@ -280,9 +284,10 @@ def verify(path: str | os.PathLike[str], *, progress: bool = False) -> VerifyRep
     with bar(progress, total=total, desc="verify", unit="B", unit_scale=True) as overall:
         for p in paths:
             # Positioned reads, not mmap: a whole-folder pass would otherwise grow RSS to its size.
-            with WclustReader(p, use_mmap=False) as r, \
+            with WclustReader(p, use_mmap=False, max_bytes=max_bytes) as r, \
                  bar(progress, total=len(r.header.tensors), desc=p.name, unit="tensor", position=1,
                      leave=False) as per_tensor:  # fmt: skip
+                r.check_file_budget()
                 for name in r.header.unsupported:
                     r.verify_tensor(name)  # raises VersionError naming the unknown codec
                 for name in r.header.tensors:

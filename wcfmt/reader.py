@@ -35,7 +35,20 @@ from .dtypes import itemsize, storage_dtype
 from .errors import ChecksumError, FormatError, HeaderError, TensorNotFoundError, UsageError, VersionError, where
 from .schema import AliasEntry, Blob, ClusteredEntry, Header, LosslessEntry, chunk_row_ranges, parse_header, rows_and_row_size
 
-__all__ = ["WclustReader", "read_preamble"]
+__all__ = ["WclustReader", "read_preamble", "auto_max_bytes", "AUTO_MAX_RATIO", "AUTO_MAX_FLOOR"]
+
+#: ``max_bytes="auto"`` (the CLI's default): a file may decode to this many times its own size,
+#: and never less than `AUTO_MAX_FLOOR`. Real files stay far below it: clustered bf16 weights at
+#: 1-4 stored bits are 4-16x (32x in F32), lossless tensors about 1.5x, so only a file that is
+#: mostly constant tensors (k = 1 chunks, zeros) or a hostile one goes past it.
+AUTO_MAX_RATIO = 64
+#: The least ``"auto"`` allows whatever the file's size, so that small files of constant tensors load.
+AUTO_MAX_FLOOR = 256 << 20
+
+
+def auto_max_bytes(file_size: int) -> int:
+    """The decoding cap ``max_bytes="auto"`` sets for a file of ``file_size`` bytes (spec §9.1)."""
+    return max(AUTO_MAX_FLOOR, AUTO_MAX_RATIO * file_size)
 
 _PREAMBLE = struct.Struct("<8sHHIQQI28s")
 
@@ -85,16 +98,19 @@ class WclustReader:
     ``max_bytes`` caps the decoded bytes any one call allocates (a chunk, a row range, a whole
     tensor; `wcfmt.load_file` applies it to all tensors together): a chunk with ``k = 1`` has no
     label bytes, so a tiny untrusted file can describe terabytes (spec §9.1). Over the cap, the
-    call raises `UsageError` before allocating. ``None`` (the default) means no cap.
+    call raises `UsageError` before allocating. ``None`` (the default) means no cap; ``"auto"``
+    is `auto_max_bytes` of the file's size (what the ``wcfmt`` command uses).
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], *, use_mmap: bool = True, max_bytes: int | None = None
+        self, path: str | os.PathLike[str], *, use_mmap: bool = True, max_bytes: int | str | None = None
     ) -> None:
         self.path = Path(path)
-        if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0):
-            raise UsageError(f"{self.path}: max_bytes must be a non-negative integer or None, got {max_bytes!r}")
-        self.max_bytes = max_bytes
+        if max_bytes is not None and max_bytes != "auto" and (
+            isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0
+        ):
+            raise UsageError(f"{self.path}: max_bytes must be a non-negative integer, 'auto' or None, got {max_bytes!r}")
+        self.max_bytes: int | None = None
         try:
             self._fh = open(self.path, "rb")
         except FileNotFoundError:
@@ -103,6 +119,7 @@ class WclustReader:
             raise FormatError(f"{self.path}: is a folder, not a .wclust file") from None
         try:
             self.file_size = os.fstat(self._fh.fileno()).st_size
+            self.max_bytes = auto_max_bytes(self.file_size) if max_bytes == "auto" else max_bytes  # type: ignore[assignment]
             head = os.pread(self._fh.fileno(), PREAMBLE_SIZE, 0)
             self.version, self._header_offset, self.header = self._read_header(head)
             self._check_blobs()
@@ -262,9 +279,15 @@ class WclustReader:
         """Raise `UsageError` if decoding ``nbytes`` would exceed ``max_bytes`` (spec §9.1)."""
         if self.max_bytes is not None and nbytes > self.max_bytes:
             raise UsageError(
-                f"{what}: decoding needs {nbytes} bytes, more than max_bytes={self.max_bytes} "
-                f"(raise the cap, or pass max_bytes=None / --max-bytes 0, if the file is trusted)"
+                f"{what}: decoding needs {nbytes} bytes, more than the cap of {self.max_bytes} "
+                f"(max_bytes= / --max-bytes; raise it, or pass None / --max-bytes 0 if the file is trusted)"
             )
+
+    def check_file_budget(self) -> None:
+        """Raise `UsageError` if decoding every tensor the file stores (aliases once) would exceed
+        ``max_bytes``: for whole-file passes (load, unpack, verify), checked before any decoding."""
+        stored = [n for n, e in self.header.tensors.items() if not isinstance(e, AliasEntry)]
+        self.check_budget(sum(self.nbytes(n) for n in stored), str(self.path))
 
     def decode_rows(self, name: str, start: int, stop: int) -> np.ndarray:
         """Return rows [start, stop) (storage form, shape (stop-start, *shape[1:])), reading only their chunks."""

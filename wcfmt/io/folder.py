@@ -233,7 +233,10 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
     dst = Path(dst)
     if dst.exists() and not force:
         raise OutputExistsError(f"{dst}: output exists (pass force=True / --force to replace it)")
-    tmp = _fresh_dir(dst, "")
+    try:
+        tmp = _fresh_dir(dst, "")
+    except OSError as e:  # read-only or full: name the output, not a random temporary name
+        raise type(e)(e.errno, e.strerror, str(dst)) from None
     try:
         yield tmp
         if dst.exists():
@@ -253,9 +256,28 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _outside(e, tmp, dst) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _outside(e: OSError, tmp: Path, dst: Path) -> OSError:
+    """The same error naming the output's own path (``dst/model.safetensors``) where it named a
+    file in the temporary folder, which is gone by the time anyone reads the message."""
+
+    def moved(name: object) -> object:
+        if name is None:
+            return None
+        p = Path(os.fsdecode(name))  # type: ignore[arg-type]
+        return str(dst / p.relative_to(tmp)) if p.is_relative_to(tmp) else name
+
+    a, b = moved(e.filename), moved(e.filename2)
+    if (a, b) == (e.filename, e.filename2) or e.errno is None:
+        return e
+    return type(e)(e.errno, e.strerror, a, None, b)
 
 
 #: Top-level files a wcfmt folder output may hold besides the copied ones (an earlier pack/unpack).
