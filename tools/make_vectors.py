@@ -610,6 +610,16 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
         window_log=10, write_content_size=True, write_checksum=False, write_dict_id=False)).compress(plane)
     assert not wide[4] & 0x20  # a window descriptor follows the frame header descriptor
     zstd_fault("zstd_window_too_large", wide[:5] + bytes([18 << 3]) + wide[6:], "§7.1 window <= 128 MiB")
+    # A frame declaring 0 bytes (a k = 1 label plane) is still walked and decoded: python-zstandard's
+    # one-shot decompress returns b"" for it without reading its blocks (found by tests/test_fuzz.py).
+    empty = zc.compress(b"")
+    assert len(empty) == 9 and empty[4] & 0x20  # single segment: magic, descriptor, 1-byte size, one block header
+    for name, frame, rule in [
+        ("zstd_empty_frame_incomplete", empty[:6] + bytes(3), "§7.1 the frame is complete (a 0-byte frame too)"),
+        ("zstd_empty_frame_holds_bytes", empty[:6] + (1 | 3 << 3).to_bytes(3, "little") + b"abc",
+         "§7.1 decodes to the declared size (0 bytes: its blocks hold none)"),
+    ]:  # fmt: skip
+        blob_edit(name, lambda d, f=frame: d.set_blob(d.ref("ones", 0, "labels"), f, encoding="zstd"), "FormatError", rule)
     blob_edit("zstd_on_raw_bytes", lambda d: d.ref("up", 0, "labels").update(encoding="zstd"), "FormatError",
               "§7.1 a zstd blob is a zstd frame")
     return out

@@ -486,7 +486,12 @@ def decode_blob(data: bytes, b: dict[str, Any], expected: int) -> bytes:
     if walk_zstd_frame(stored) != expected:
         raise FormatError(f"zstd frame does not declare {expected} bytes")
     try:
-        out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=expected)
+        if expected == 0:
+            # python-zstandard's one-shot decompress returns b"" for a frame that declares 0
+            # bytes without decoding its blocks; rule 6 still needs them decoded (and empty)
+            out = zstandard.ZstdDecompressor().stream_reader(stored, read_across_frames=False).read(1)
+        else:
+            out = zstandard.ZstdDecompressor().decompress(stored, max_output_size=expected)
     except zstandard.ZstdError as e:
         raise FormatError(f"zstd: corrupt frame ({e})") from None
     if len(out) != expected:

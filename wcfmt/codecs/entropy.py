@@ -134,9 +134,22 @@ def decompress(
         raise ValueError(f"not a zstd frame ({e})") from None
     if declared != expected_size:
         raise ValueError(f"zstd frame declares {declared} bytes, expected {expected_size}")
+    # spec §7.1 rule 5 by a frame walk, on every path: python-zstandard's one-shot decompress
+    # returns b"" for a frame declaring 0 bytes without reading its blocks (found by fuzzing)
+    end = frame_length(stored)
+    if end != len(stored):
+        raise ValueError(f"corrupt zstd frame or trailing bytes (the frame ends at byte {end} of {len(stored)})")
     d = getattr(_local, "decompressor", None)
     if d is None:
         d = _local.decompressor = zstandard.ZstdDecompressor()
+    if expected_size == 0:  # decode its blocks anyway: they must hold nothing (rule 6)
+        try:
+            extra = d.stream_reader(stored, read_across_frames=False).read(1)
+        except zstandard.ZstdError as e:
+            raise ValueError(f"corrupt zstd frame ({e})") from None
+        if extra:
+            raise ValueError("zstd frame declares 0 bytes but its blocks hold more")
+        return b"" if out is None else out[:0]
     if out is not None:
         return _decompress_into(d, stored, expected_size, out)
     try:
@@ -156,12 +169,7 @@ def _decompress_into(
         raise TypeError("out must be a writeable contiguous 1-D uint8 array")
     if out.size < expected_size:
         raise ValueError(f"out holds {out.size} bytes, fewer than the {expected_size} to decode")
-    end = frame_length(stored)
-    if end != len(stored):
-        raise ValueError(f"corrupt zstd frame or trailing bytes (the frame ends at byte {end} of {len(stored)})")
     dst = out[:expected_size]
-    if expected_size == 0:
-        return dst
     try:
         # The whole frame is input and the buffer holds its declared size: zstd decodes it in one pass.
         got = d.stream_reader(stored, read_size=len(stored), read_across_frames=False).readinto(dst)
