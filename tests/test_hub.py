@@ -1,5 +1,6 @@
-"""Hub push/load (wcfmt/io/hub.py). The network is replaced by a local fake of huggingface_hub's
-calls: what matters here is what wcfmt sends and that it refuses to upload a corrupt folder."""
+"""Hub push/load (wcfmt/io/hub.py, wcfmt/io/sources.py). Most tests replace huggingface_hub's
+calls by a local fake (what wcfmt sends, refusing a corrupt folder); the round trip at the end runs
+the real client over HTTP against a local server that plays the Hub (tests/hub_double.py)."""
 
 from __future__ import annotations
 
@@ -111,3 +112,60 @@ def test_push_without_network_is_one_line(tmp_path: Path) -> None:
                        env=env)  # fmt: skip
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("wcfmt: error: push to me/x: ")
+
+
+
+# -- the real huggingface_hub client against a local HTTP server (tests/hub_double.py) ---------
+@pytest.fixture()
+def real_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """The unpatched client, pointed at the double as HF_ENDPOINT would point it (set at import,
+    so the constants are set here), with its own cache, a token, and the LFS protocol (no Xet)."""
+    from huggingface_hub import constants
+    from hub_double import HubDouble
+
+    with HubDouble() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.endpoint)
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            server.endpoint + "/{repo_id}/resolve/{revision}/{filename}")  # fmt: skip
+        monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv("HF_TOKEN", "hf_test")
+        yield server
+
+
+def test_round_trip_through_the_real_client(tmp_path: Path, real_hub, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """wcfmt pack --push-to-hub, then from_pretrained("hf://...") online and offline from the warm
+    cache: the bytes that arrive and come back are the packed folder's, the card names the base
+    model, the model generates as the local folder does, and the offline load asks nothing."""
+    from huggingface_hub import ModelCard, constants
+
+    pytest.importorskip("transformers")
+    from test_transformers_io import tiny_llama_folder
+
+    from wcfmt.cli import main
+
+    src, packed = tiny_llama_folder(tmp_path / "src"), tmp_path / "tiny-wclust"
+    assert main(["pack", str(src), "-o", str(packed), "--k", "16", "--base-model", "org/tiny-base",
+                 "--push-to-hub", "me/tiny-wclust", "--quiet"]) == 0  # fmt: skip
+    local = {p.relative_to(packed).as_posix(): p.read_bytes() for p in packed.rglob("*") if p.is_file()}
+    assert real_hub.repos["me/tiny-wclust"] == local  # every file arrived, byte for byte
+    assert any(m == "PUT" and p.startswith("/_lfs/") for m, p in real_hub.requests)  # shards went by LFS
+    card = ModelCard.load("me/tiny-wclust")  # downloaded by the client, parsed
+    assert card.data.base_model == "org/tiny-base" and card.data.to_dict()["base_model_relation"] == "quantized"
+
+    def generate(source: str | Path) -> list[int]:
+        out = wcfmt.from_pretrained(source).generate(torch.tensor([[1, 2, 3, 4]]), max_new_tokens=8,
+                                                     do_sample=False, attention_mask=torch.ones(1, 4, dtype=torch.long))
+        return out[0].tolist()
+
+    want = generate(packed)
+    assert len(want) == 4 + 8
+    assert generate("hf://me/tiny-wclust") == want
+    snapshot = next(Path(constants.HF_HUB_CACHE).glob("models--me--tiny-wclust/snapshots/*"))
+    back = {p.relative_to(snapshot).as_posix(): p.read_bytes() for p in snapshot.rglob("*") if p.is_file()}
+    assert back == local  # and came back identical
+    asked = len(real_hub.requests)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert generate("hf://me/tiny-wclust") == want
+    assert len(real_hub.requests) == asked  # offline from the warm cache: no request
