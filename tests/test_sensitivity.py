@@ -106,6 +106,8 @@ def test_pack_with_budget_uses_the_rule_and_records_it(folder: Path, tmp_path: P
     assert i["files"][0]["settings"]["extra"]["budget_ppl"] == "0.05"
     verify(tmp_path / "out")
     assert rep.clustered == 14
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert 'wcfmt.from_pretrained("out")' in card and ".tmp" not in card  # the output's name, not the temporary one
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

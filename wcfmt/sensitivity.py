@@ -280,6 +280,7 @@ def pack_with_budget(
     from .convert import pack
     from .edit import rewrite_centroids
     from .io.folder import building_folder, check_output, find_wclust_shards
+    from .io.card import CARD_NAME, CardOptions, write_card
 
     for bad in ("k", "bits", "k_overrides", "bits_overrides"):
         if pack_kwargs.get(bad) is not None:
@@ -293,11 +294,20 @@ def pack_with_budget(
     overrides = {re.escape(n) + "$": k for n, k in chosen.items()}
     note = {"budget_ppl": repr(float(budget_ppl)), "budget_ks": ",".join(map(str, s.ks)),
             "budget_tokens": str(s.tokens), "budget_key": s.key}  # fmt: skip
+    push = pack_kwargs.pop("push_to_hub", None)  # after the budget notes are in, not from inside pack
     with building_folder(dst, force=force) as tmp:
         report = pack(src, tmp, k=max(s.ks), k_overrides=overrides, force=True, progress=progress, **pack_kwargs)
         for p in find_wclust_shards(tmp).paths:
             rewrite_centroids(p, {}, settings_extra=note)
+        if (tmp / CARD_NAME).is_file():  # pack named the temporary folder in its card; name the output
+            options = CardOptions(base_model=pack_kwargs.get("base_model"), quality_note=pack_kwargs.get("quality_note"),
+                                  remote_code=bool(pack_kwargs.get("remote_code")), repo_id=push or dst.name)  # fmt: skip
+            write_card(tmp, src, sum(f.source_bytes for f in report.files), options)
     report.dst = dst
     for f in report.files:
         f.dst = dst / f.dst.name
+    if push:
+        from .io.hub import push_to_hub
+
+        report.pushed = push_to_hub(dst, push, token=pack_kwargs.get("token"))
     return report, chosen, s
