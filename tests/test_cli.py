@@ -276,6 +276,23 @@ def test_help_shows_defaults() -> None:
     assert "(default 0)" in r.stdout
 
 
+def test_every_option_with_a_default_shows_it_in_help() -> None:
+    """Hand-written "(default …)" texts or the formatter's suffix: --help never hides a default."""
+    import argparse
+
+    from wcfmt.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, sp in sub.choices.items():
+        formatter = sp._get_formatter()
+        for a in sp._actions:
+            if a.option_strings and a.default is not None and a.default is not False and a.default != argparse.SUPPRESS:
+                if "default" not in formatter._get_help_string(a):
+                    missing.append(f"{name} {a.option_strings[-1]}")
+    assert missing == []
+
+
 def test_info_natural_sort_and_degenerate_flag(tmp_path: Path) -> None:
     import safetensors.torch
 

@@ -177,7 +177,8 @@ class _Help(argparse.HelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or not action.option_strings:  # not `in (None, False)`: 0 == False would hide a default of 0
             return text
         return text + " (default: %(default)s)"
 
