@@ -524,6 +524,14 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
         ref["crc32"] = crc(d.stored(ref))
 
     blob_edit("centroids_length_not_2k", centroids_length, "HeaderError", "§5.2 centroid blob is 2k bytes")
+    # found by tests/test_fuzz.py: a Literal field matched false and -0.0 as 0; a codec of the wrong
+    # type in a newer-minor file crashed the unknown-field filter
+    header_edit("label_bits_not_integer", lambda h: h["tensors"]["ones"]["chunks"][0].update(label_bits=False),
+                "HeaderError", "§3.4 true/false are not integers (label_bits)",
+                [["header_set", tpath("ones", "chunks", 0, "label_bits"), 0]])
+    header_edit("codec_wrong_type_minor_1", lambda h: h["tensors"]["ones"].update(codec={"name": "vq"}), "HeaderError",
+                "§10 a value of the wrong type is an error, not an unknown value (newer minor)",
+                [["header_set", tpath("ones", "codec"), "clustered"]], minor=1)
     header_edit("centroids_not_raw", lambda h: h["tensors"]["up"]["chunks"][0]["centroids"].update(encoding="zstd"),
                 "HeaderError", "§5.2 centroid blob is raw", [["header_set", tpath("up", "chunks", 0, "centroids", "encoding"), "raw"]])
     # §4.4 blob fields, §6.1 lossless entries

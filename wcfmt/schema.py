@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from .constants import (
@@ -67,6 +67,15 @@ class ClusteredChunk(_Strict):
     label_bits: Literal[0, 1, 2, 4, 8]
     centroids: Blob
     labels: Blob
+
+    @field_validator("label_bits", mode="before")
+    @classmethod
+    def _an_integer(cls, v: Any) -> Any:
+        # A Literal matches by equality, so false and -0.0 would pass as 0 (spec §3.4: neither is
+        # an integer; found by tests/test_fuzz.py)
+        if type(v) is not int:
+            raise ValueError(f"label_bits must be an integer, got {v!r}")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> "ClusteredChunk":
@@ -363,8 +372,9 @@ def _drop_unknown(data: Any, model: type[BaseModel]) -> Any:
     if model is Header and isinstance(out.get("tensors"), dict):
         entries = {}
         for name, e in out["tensors"].items():
+            codec = e.get("codec") if isinstance(e, dict) else None  # any JSON value, a list or an object too
             cls = {CODEC_CLUSTERED: ClusteredEntry, CODEC_LOSSLESS: LosslessEntry, "alias": AliasEntry}.get(
-                e.get("codec") if isinstance(e, dict) else None
+                codec if isinstance(codec, str) else None
             )
             entries[name] = _drop_unknown(e, cls) if cls else e
         out["tensors"] = entries

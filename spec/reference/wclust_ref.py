@@ -272,7 +272,7 @@ def _entry(name: str, v: Any, lenient: bool) -> dict[str, Any]:
     allowed = {"clustered": CLUSTERED_FIELDS, "lossless": LOSSLESS_FIELDS, "alias": ALIAS_FIELDS}[codec]
     required = allowed - {"quality"}
     e = _keys(e, allowed, required, what, lenient)
-    if e["dtype"] not in ELEMENT_SIZE:  # §4.2
+    if not isinstance(e["dtype"], str) or e["dtype"] not in ELEMENT_SIZE:  # §4.2
         raise HeaderError(f"{what}: unknown dtype")
     shape = e["shape"]
     if not isinstance(shape, list) or len(shape) > 8:
