@@ -244,8 +244,32 @@ def format_table(i: Info) -> str:
             f"total: {t['tensors']} tensors ({codecs}) in {t['files']} file(s); original "
             f"{format_size(t['original_bytes'])}, packed {format_size(t['packed_bytes'])}, ratio {ratio}",
         ]
+        + _settings_lines(i)
         + warn
     )
+
+
+def _settings_lines(i: Info) -> list[str]:
+    """How the file was packed (its header's settings), one line: the encoder and, in bits mode,
+    each budget group's bits, λ and step; calibration if any."""
+    s = next((f["settings"] for f in i.files if f.get("settings")), None)
+    if not s:
+        return []
+    extra = s.get("extra", {})
+    parts = [f"encoder {s.get('method', '?')}"]
+    if s.get("k") is not None:
+        parts.append(f"K {s['k']}")
+    for group in ("", "_embed", "_attention", "_mlp"):
+        if f"bits{group}" in extra:
+            who = group[1:] or "model"
+            parts.append(f"{who}: {extra[f'bits{group}']} bits/weight (λ {extra.get(f'lambda{group}', '?')}, "
+                         f"step {extra.get(f'step{group}', '?')})")
+    if extra.get("embeddings") == "clustered":
+        parts.append("embeddings clustered")
+    if "calib" in extra:
+        parts.append(f"calibrated ({extra['calib']}, {extra.get('calib_tokens', '?')} tokens of "
+                     f"{extra.get('calib_text', '?')})")
+    return ["packed with: " + "; ".join(parts)]
 
 
 @dataclass

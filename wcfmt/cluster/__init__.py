@@ -37,7 +37,7 @@ from .kmeans import (
     solve_centroids,
     value_histogram,
 )
-from .ecsq import TABLE_ENTRY_BITS, dp_cells, ecsq_cells, slope_of_step, step_for_bits, table_for_cells
+from .ecsq import CELL_ENTRY_BITS, TABLE_ENTRY_BITS, dp_cells, ecsq_cells, slope_of_step, step_for_bits, table_for_cells
 from .policy import DEFAULT_CHUNK_ROWS, DEFAULT_K, ClusterPolicy
 from .report import ChunkStats, combine, quality
 
@@ -276,9 +276,9 @@ def _finish_ecsq(
         if h.x.size == 0:
             raise UsageError(f"chunk {i} (rows {a}..{b - 1}) has no values of nonzero weight")
         if method == "dp":
-            cells = dp_cells(h, lam, entry[i])
+            cells = dp_cells(h, lam, CELL_ENTRY_BITS)
         else:
-            cells = ecsq_cells(h, step * scales[i], entry[i])
+            cells = ecsq_cells(h, step * scales[i], CELL_ENTRY_BITS)
         try:
             table, rebuilt, bounds, cuts = table_for_cells(h, cells, dtype)
         except UsageError as e:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ecsq import ecsq_cells, rate_bits, slope_of_step, step_for_bits
+from .ecsq import CELL_ENTRY_BITS, ecsq_cells, rate_bits, slope_of_step, step_for_bits
 from .kmeans import EXACT_MAX_POINTS, ValueHistogram, _grid_cells
 
 __all__ = ["TensorRate", "Allocation", "allocate", "coarse_histogram"]
@@ -46,7 +46,11 @@ class TensorRate:
 
     def bits_at(self, step: float) -> float:
         """Modelled stored bits of the whole tensor at common step ``step``."""
-        return sum(rate_bits(ecsq_cells(h, step * sc, e), e) for h, e, sc in zip(self.hists, self.entry_bits, self.scales) if h.x.size)
+        return sum(
+            rate_bits(ecsq_cells(h, step * sc, CELL_ENTRY_BITS), e)
+            for h, e, sc in zip(self.hists, self.entry_bits, self.scales)
+            if h.x.size
+        )
 
 
 @dataclass

@@ -56,6 +56,7 @@ from .kmeans import ValueHistogram, rebuilt_of_each, round_centroids
 __all__ = [
     "ZSTD_OVERHEAD",
     "TABLE_ENTRY_BITS",
+    "CELL_ENTRY_BITS",
     "CellStats",
     "cell_stats",
     "uniform_cells",
@@ -74,6 +75,16 @@ __all__ = [
 #: Stored label bits per bit of an ideal Huffman code of the labels (measured 1.010–1.016 at 2.5–6.5
 #: bits/label by tools/bench_format.py --labels: zstd's four streams, block headers, 11-bit cap).
 ZSTD_OVERHEAD: Final[float] = 1.012
+
+#: Table-entry bits charged in the cell choice (``J``'s β term) by the encoder. The exact optimum
+#: charges each entry what it costs on disk (16 bits × the storage chunks that repeat the table),
+#: and then merges the rare tail cells into their neighbours: the least squared error per bit,
+#: but it clips exactly the few large weights small LLMs depend on. Measured on SmolLM2-135M
+#: (tools/eval_smollm2.py, projections at 5.5 bits): 1.041× bf16 perplexity charging entries,
+#: 1.028× not charging them, for 0.02 more bits/weight. So the encoder does not charge them (the
+#: rate model that meets the budget still counts every table byte); `ecsq_dp` and `merge_cells`
+#: keep the parameter for the exact objective and its tests.
+CELL_ENTRY_BITS: Final[float] = 0.0
 
 #: zstd's longest Huffman code for literals (HUF_TABLELOG_MAX at its default).
 _HUF_MAX_BITS: Final[int] = 11
@@ -281,7 +292,7 @@ def step_for_bits(
     target = bits_per_weight * n_total
 
     def bits_at(s: float) -> float:
-        return sum(rate_bits(ecsq_cells(h, s * sc, e, k_max), e) for h, e, sc in live)
+        return sum(rate_bits(ecsq_cells(h, s * sc, CELL_ENTRY_BITS, k_max), e) for h, e, sc in live)
 
     spans = [(float(h.x[-1] - h.x[0]) or abs(float(h.x[0])) or 1.0) / sc for h, _, sc in live]
     hi = 4.0 * max(spans)  # one cell per histogram: the fewest bits there are

@@ -1,0 +1,213 @@
+"""Model-wide bit allocation (wcfmt/cluster/allocate.py) and pack's bits mode (wcfmt/convert.py).
+
+Expectations come from what the writer stores (blob lengths read back from the header), from
+the equal-slope condition checked on the recorded steps, and from hand-set cases — not from the
+allocator's own predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file as st_save
+
+import wcfmt
+from wcfmt.cluster.allocate import TensorRate, allocate, coarse_histogram
+from wcfmt.cluster.kmeans import value_histogram
+from wcfmt.errors import UsageError
+from wcfmt.reader import WclustReader
+from wcfmt.schema import AliasEntry, ClusteredEntry
+
+
+def stored(path: Path) -> dict[str, tuple[int, int]]:
+    """name -> (stored label+table bytes, elements) of every clustered tensor of a file or folder."""
+    out = {}
+    for p in [path] if path.is_file() else sorted(path.glob("*.wclust")):
+        with WclustReader(p) as r:
+            for name, e in r.header.tensors.items():
+                if isinstance(e, ClusteredEntry):
+                    out[name] = (sum(c.labels.length + c.centroids.length for c in e.chunks), math.prod(e.shape))
+    return out
+
+
+def avg_bits(s: dict[str, tuple[int, int]], names=None) -> float:
+    keep = [v for n, v in s.items() if names is None or n in names]
+    return 8 * sum(b for b, _ in keep) / sum(n for _, n in keep)
+
+
+@pytest.fixture(scope="module")
+def three_matrices(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A file with a narrow, a Gaussian and a heavy-tailed projection of different sizes."""
+    g = np.random.default_rng(0)
+    t = {
+        "model.layers.0.mlp.up_proj.weight": g.normal(0, 0.01, (256, 512)),
+        "model.layers.0.mlp.down_proj.weight": g.standard_t(3, (512, 256)) * 0.02,
+        "model.layers.0.self_attn.q_proj.weight": g.normal(0, 0.03, (300, 256)),
+        "model.norm.weight": np.ones(256),
+    }
+    path = tmp_path_factory.mktemp("alloc") / "m.safetensors"
+    st_save({k: torch.from_numpy(v.astype(np.float32)).to(torch.bfloat16) for k, v in t.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("bits", [3.0, 4.5, 6.0])
+def test_model_average_within_two_percent(tmp_path: Path, three_matrices: Path, bits: float) -> None:
+    out = tmp_path / "m.wclust"
+    wcfmt.pack(three_matrices, out, bits=bits)
+    s = stored(out)
+    assert len(s) == 3
+    assert avg_bits(s) == pytest.approx(bits, rel=0.02)
+    # One slope: tensors of different spread get different bits (the heavy tail the most).
+    per = {n: 8 * b / k for n, (b, k) in s.items()}
+    assert per["model.layers.0.mlp.down_proj.weight"] > per["model.layers.0.mlp.up_proj.weight"] + 0.2
+
+
+def test_equal_slope_recorded(tmp_path: Path, three_matrices: Path) -> None:
+    out = tmp_path / "m.wclust"
+    wcfmt.pack(three_matrices, out, bits=4.0)
+    with WclustReader(out) as r:
+        h = r.header
+    extra = h.settings.extra
+    assert h.settings.method == "ecsq" and extra["bits"] == "4"
+    lam = float(extra["lambda"])
+    step = float(extra["step"])
+    assert lam == pytest.approx(step * step * math.log(2) / 6, rel=1e-5)
+    for name, e in h.tensors.items():
+        if isinstance(e, ClusteredEntry):
+            # every tensor at the model's slope (unweighted: mean importance 1)
+            assert e.quality["lambda"] == pytest.approx(lam, rel=1e-5), name
+            assert e.quality["step"] == pytest.approx(step, rel=1e-5), name
+    i = wcfmt.info(out) if hasattr(wcfmt, "info") else None
+    from wcfmt.inspect import format_table, info
+
+    table = format_table(info(out))
+    assert "ecsq" in table and "λ" in table
+
+
+def test_overrides_get_their_own_budget(tmp_path: Path, three_matrices: Path) -> None:
+    out = tmp_path / "m.wclust"
+    wcfmt.pack(three_matrices, out, bits=4.0, bits_overrides={r"q_proj": 6.0})
+    s = stored(out)
+    assert avg_bits(s, {"model.layers.0.self_attn.q_proj.weight"}) == pytest.approx(6.0, rel=0.02)
+    rest = {n for n in s if "q_proj" not in n}
+    assert avg_bits(s, rest) == pytest.approx(4.0, rel=0.02)
+
+
+def test_pack_is_deterministic(tmp_path: Path, three_matrices: Path) -> None:
+    wcfmt.pack(three_matrices, tmp_path / "a.wclust", bits=4.0, threads=1)
+    wcfmt.pack(three_matrices, tmp_path / "b.wclust", bits=4.0, threads=2)
+    assert (tmp_path / "a.wclust").read_bytes() == (tmp_path / "b.wclust").read_bytes()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"k": 16, "bits": 4.0}, "not both"), ({"k": 16, "bits_embed": 5.0}, "bits_embed"),
+     ({"bits": 4.0, "k_overrides": {"q": 8}}, "k_overrides"), ({"bits": 0.0}, "bits"), ({"bits": 17}, "bits"),
+     ({"bits": 4.0, "calib_tokens": 100}, "calib"), ({"bits": 4.0, "calib": "/nonexistent.txt"}, "no such")],
+)
+def test_usage_errors(tmp_path: Path, three_matrices: Path, kwargs: dict, match: str) -> None:
+    with pytest.raises(UsageError, match=match):
+        wcfmt.pack(three_matrices, tmp_path / "x.wclust", **kwargs)
+    assert not (tmp_path / "x.wclust").exists()
+
+
+def test_calib_needs_a_model_folder(tmp_path: Path, three_matrices: Path) -> None:
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be")
+    with pytest.raises(UsageError, match="model folder"):
+        wcfmt.pack(three_matrices, tmp_path / "x.wclust", bits=4.0, calib=text)
+    assert not (tmp_path / "x.wclust").exists()
+
+
+def test_cli_k_and_bits_exclusive(tmp_path: Path, three_matrices: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "wcfmt", "pack", str(three_matrices), "-o", str(tmp_path / "x.wclust"),
+                        "--k", "16", "--bits", "4"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 2 and "not allowed with argument" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "wcfmt", "pack", str(three_matrices), "-o", str(tmp_path / "y.wclust"),
+                        "--bits", "4.5", "-q"], capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert avg_bits(stored(tmp_path / "y.wclust")) == pytest.approx(4.5, rel=0.02)
+    r = subprocess.run([sys.executable, "-m", "wcfmt", "info", str(tmp_path / "y.wclust"), "--json"],
+                       capture_output=True, text=True)  # fmt: skip
+    settings = json.loads(r.stdout)["files"][0]["settings"]
+    assert settings["method"] == "ecsq" and settings["extra"]["bits"] == "4.5"
+
+
+# -- allocation on histograms ------------------------------------------------------------------
+def test_allocate_groups_and_coarse_histograms() -> None:
+    g = np.random.default_rng(3)
+    f32 = value_histogram(g.standard_t(4, 300_000).astype(np.float32), "F32")
+    coarse = coarse_histogram(f32)
+    assert coarse.x.size <= 8192 < f32.x.size and coarse.count.sum() == f32.count.sum()
+    narrow = value_histogram(g.normal(size=50_000).astype(np.float32), "F32")
+    a = allocate(
+        {"a": TensorRate([coarse], [16.0], "model"), "b": TensorRate([narrow], [16.0], "model"),
+         "e": TensorRate([narrow], [16.0], "embed")},
+        {"model": 4.0, "embed": 6.0},
+    )  # fmt: skip
+    assert a.steps["a"] == a.steps["b"] != a.steps["e"]
+    total = a.bits["a"] * 300_000 + a.bits["b"] * 50_000
+    assert total / 350_000 == pytest.approx(4.0, rel=0.01)
+    assert a.bits["e"] == pytest.approx(6.0, rel=0.01)
+
+
+# -- a tied-embedding causal LM folder ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def tied_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("tied-llama")
+    words = ["[UNK]"] + "the king is dead long live queen and to be or not that question".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
+    return folder
+
+
+def test_bits_embed_clusters_the_tied_embedding_once(tmp_path: Path, tied_llama: Path) -> None:
+    out = tmp_path / "packed"
+    wcfmt.pack(tied_llama, out, bits=4.0, bits_embed=7.0)
+    s = stored(out)
+    assert "model.embed_tokens.weight" in s
+    assert avg_bits(s, {"model.embed_tokens.weight"}) > 6.0
+    with WclustReader(next(out.glob("*.wclust"))) as r:
+        tensors = r.header.tensors
+        extra = r.header.settings.extra
+    # the tied head stays one tensor (no lm_head stored, or an alias of the embedding)
+    head = tensors.get("lm_head.weight")
+    assert head is None or isinstance(head, AliasEntry)
+    assert extra["bits_embed"] == "7" and "lambda_embed" in extra and extra["embeddings"] == "clustered"
+    # --no-embeddings keeps it lossless
+    wcfmt.pack(tied_llama, tmp_path / "p2", bits=4.0, embeddings=False)
+    assert "model.embed_tokens.weight" not in stored(tmp_path / "p2")
+
+
+def test_calib_relabels_and_records(tmp_path: Path, tied_llama: Path) -> None:
+    text = tmp_path / "calib.txt"
+    text.write_text("to be or not to be that is the question the king is dead long live the queen " * 8)
+    wcfmt.pack(tied_llama, tmp_path / "plain", bits=4.0, embeddings=False)
+    wcfmt.pack(tied_llama, tmp_path / "cal", bits=4.0, embeddings=False, calib=text, calib_tokens=64)
+    wcfmt.pack(tied_llama, tmp_path / "cal2", bits=4.0, embeddings=False, calib=text, calib_tokens=64)
+    a = wcfmt.load_state_dict(tmp_path / "plain")
+    b = wcfmt.load_state_dict(tmp_path / "cal")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(a[name], b[name])  # labels chosen against H, not nearest
+    assert sorted((tmp_path / "cal").glob("*.wclust"))[0].read_bytes() == \
+        sorted((tmp_path / "cal2").glob("*.wclust"))[0].read_bytes()  # fmt: skip
+    with WclustReader(next((tmp_path / "cal").glob("*.wclust"))) as r:
+        extra = r.header.settings.extra
+    assert extra["calib_text"] == "calib.txt" and extra["calib_tokens"] == "64" and extra["calib"].startswith("gptq")
