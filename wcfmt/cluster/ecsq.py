@@ -143,23 +143,26 @@ def huffman_bits(n: np.ndarray) -> float:
     >>> huffman_bits(np.array([2.0, 1.0, 1.0]))   # lengths 1, 2, 2
     6.0
     """
-    counts = [float(c) for c in np.asarray(n).ravel() if c > 0]
-    if len(counts) <= 1:
+    a = np.asarray(n, dtype=np.float64).ravel()
+    counts = a[a > 0].tolist()
+    m = len(counts)
+    if m <= 1:
         return float(sum(counts))
-    heap = [(c, i) for i, c in enumerate(counts)]
+    # Called ~50 times per tensor by `step_for_bits`: heapreplace instead of pop + push (the
+    # (count, index) keys are distinct, so the pops, and the code, are the same).
+    heappop, heapreplace = heapq.heappop, heapq.heapreplace
+    heap = list(zip(counts, range(m)))
     heapq.heapify(heap)
-    parent = [-1] * (2 * len(counts) - 1)
-    node = len(counts)
-    while len(heap) > 1:
-        a, i = heapq.heappop(heap)
-        b, j = heapq.heappop(heap)
-        parent[i] = parent[j] = node
-        heapq.heappush(heap, (a + b, node))
-        node += 1
-    depth = [0] * node
-    for v in range(node - 2, -1, -1):  # parents are numbered after their children
+    parent = [-1] * (2 * m - 1)
+    for node in range(m, 2 * m - 1):
+        c, i = heappop(heap)
+        parent[i] = parent[heap[0][1]] = node
+        heapreplace(heap, (c + heap[0][0], node))
+    depth = [0] * (2 * m - 1)
+    for v in range(2 * m - 3, -1, -1):  # parents are numbered after their children
         depth[v] = depth[parent[v]] + 1
-    return float(sum(c * min(d, _HUF_MAX_BITS) for c, d in zip(counts, depth)))
+    cap = _HUF_MAX_BITS
+    return float(sum([c * (d if d < cap else cap) for c, d in zip(counts, depth)]))
 
 
 def rate_bits(stats: CellStats, entry_bits: float) -> float:
@@ -221,42 +224,52 @@ def merge_cells(stats: CellStats, lam: float, entry_bits: float, k_max: int = MA
     cost = dd + lam * (dl - entry_bits)
     if k <= k_max and not (cost < 0).any():
         return stats.bounds
-    # Greedy merging over a doubly linked list of cells with a heap of pair costs.
+    # Greedy merging over a doubly linked list of cells with a heap of pair costs. This loop is
+    # most of `step_for_bits`' time (its small trial steps leave thousands of cells to merge to
+    # k_max), so `_merge_cost` is inlined with each cell's n·log2(n) kept (`xl`): the same
+    # float operations in the same order, so the same merges (tools/bench_cluster.py --bits).
+    log2, heappush, heappop = math.log2, heapq.heappush, heapq.heappop
     nl, wl, ml = n.tolist(), w.tolist(), m.tolist()
+    xl = [v * log2(v) for v in nl]
     start = stats.bounds[:-1].tolist()
     nxt = list(range(1, k)) + [-1]
     prv = [-1] + list(range(k - 1))
     alive = [True] * k
     version = [0] * k
-    heap = [(float(c), i, 0, 0) for i, c in enumerate(cost.tolist())]
+    heap = [(c, i, 0, 0) for i, c in enumerate(cost.tolist())]
     heapq.heapify(heap)
     live = k
     while heap:
-        c, i, vi, vj = heap[0]
-        j = nxt[i] if alive[i] else -1
-        if not alive[i] or j < 0 or version[i] != vi or version[j] != vj:
-            heapq.heappop(heap)
+        c, i, vi, vj = heappop(heap)
+        if not alive[i]:
+            continue
+        j = nxt[i]
+        if j < 0 or version[i] != vi or version[j] != vj:
             continue
         if c >= 0 and live <= k_max:
             break
-        heapq.heappop(heap)
         # merge j into i
-        ww = wl[i] + wl[j]
-        ml[i] = (wl[i] * ml[i] + wl[j] * ml[j]) / ww
+        wi, wj = wl[i], wl[j]
+        ww = wi + wj
+        mi = ml[i] = (wi * ml[i] + wj * ml[j]) / ww
         wl[i] = ww
-        nl[i] += nl[j]
+        ni = nl[i] = nl[i] + nl[j]
+        xi = xl[i] = ni * log2(ni)
         alive[j] = False
-        nxt[i] = nxt[j]
-        if nxt[j] >= 0:
-            prv[nxt[j]] = i
-        version[i] += 1
+        q = nxt[i] = nxt[j]
+        if q >= 0:
+            prv[q] = i
+        vi = version[i] = vi + 1
         live -= 1
         p = prv[i]
-        if p >= 0:
-            heapq.heappush(heap, (_merge_cost(nl[p], wl[p], ml[p], nl[i], wl[i], ml[i], lam, entry_bits), p, version[p], version[i]))
-        q = nxt[i]
-        if q >= 0:
-            heapq.heappush(heap, (_merge_cost(nl[i], wl[i], ml[i], nl[q], wl[q], ml[q], lam, entry_bits), i, version[i], version[q]))
+        if p >= 0:  # as _merge_cost(nl[p], wl[p], ml[p], ni, ww, mi, lam, entry_bits)
+            wp, nn = wl[p], nl[p] + ni
+            c = wp * ww / (wp + ww) * (ml[p] - mi) ** 2 + lam * ((xl[p] + xi - nn * log2(nn)) - entry_bits)
+            heappush(heap, (c, p, version[p], vi))
+        if q >= 0:  # as _merge_cost(ni, ww, mi, nl[q], wl[q], ml[q], lam, entry_bits)
+            wq, nn = wl[q], ni + nl[q]
+            c = ww * wq / (ww + wq) * (mi - ml[q]) ** 2 + lam * ((xi + xl[q] - nn * log2(nn)) - entry_bits)
+            heappush(heap, (c, i, vi, version[q]))
     starts = [start[i] for i in range(k) if alive[i]]
     return np.array(starts + [int(stats.bounds[-1])], dtype=np.int64)
 
