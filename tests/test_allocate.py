@@ -211,3 +211,11 @@ def test_calib_relabels_and_records(tmp_path: Path, tied_llama: Path) -> None:
     with WclustReader(next((tmp_path / "cal").glob("*.wclust"))) as r:
         extra = r.header.settings.extra
     assert extra["calib_text"] == "calib.txt" and extra["calib_tokens"] == "64" and extra["calib"].startswith("gptq")
+
+
+def test_cli_default_bits_is_the_librarys() -> None:
+    from wcfmt import cli, convert
+
+    assert cli._DEFAULT_BITS == convert.DEFAULT_BITS
+    assert f"default {convert.DEFAULT_BITS:g}" in " ".join(cli.build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+                                                        .choices["pack"].format_help().split())

@@ -25,7 +25,7 @@ from wcfmt.constants import INDEX_NAME
 from wcfmt.convert import PackReport, UnpackReport, pack, unpack
 from wcfmt.io import SafetensorsSource, load_state_dict, read_index
 from wcfmt.reader import WclustReader
-from wcfmt.schema import ClusteredEntry, LosslessEntry
+from wcfmt.schema import AliasEntry, ClusteredEntry, LosslessEntry
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,10 +130,13 @@ def test_pack_records_settings_and_metadata(packed: tuple[Path, PackReport, dict
     for p in sorted(dst.glob("*.wclust")):
         with WclustReader(p) as r:
             assert r.metadata() == {"format": "pt"}
-            assert r.header.settings is not None and r.header.settings.k is not None
-            assert r.header.settings.chunk_rows is None  # default: one codebook per matrix
-            assert r.header.settings.method == "exact"
-            assert r.header.settings.extra == {"storage_chunk_rows": "256"}
+            st = r.header.settings
+            assert st is not None and st.k is None  # default: the bit-budget encoder, no K
+            assert st.chunk_rows is None  # one codebook per matrix
+            assert st.method == "ecsq"
+            assert {k: st.extra[k] for k in ("storage_chunk_rows", "bits", "embeddings")} == {
+                "storage_chunk_rows": "256", "bits": "6", "embeddings": "clustered"}
+            assert float(st.extra["lambda"]) > 0 and float(st.extra["step"]) > 0
             codecs |= {e.codec for e in r.header.tensors.values()}
     assert codecs == {"clustered", "lossless"}
     assert report.clustered > 0 and report.lossless > 0 and report.tensors == report.clustered + report.lossless
@@ -148,17 +151,16 @@ def test_packed_folder_loads_into_llama(packed: tuple[Path, PackReport, dict[str
 def test_pack_folder_clusters_what_the_policy_says(hf: Path, packed: tuple[Path, PackReport, dict[str, str]]) -> None:
     from wcfmt.cluster import ClusterPolicy
 
-    policy = ClusterPolicy()
+    policy = ClusterPolicy(bits=6.0, embeddings=True)  # pack's default: bits mode, embeddings clustered
     dst, _, _ = packed
     src = source_tensors(hf)
     for p in sorted(dst.glob("*.wclust")):
         with WclustReader(p) as r:
             for name, e in r.header.tensors.items():
-                want = policy.decide(name, tuple(src[name].shape), "BF16")
-                assert isinstance(e, ClusteredEntry if want else LosslessEntry), name
+                want = policy.clusters(name, tuple(src[name].shape), "BF16")
+                assert isinstance(e, ClusteredEntry if want else (LosslessEntry, AliasEntry)), name
                 if want:
-                    rows = src[name].shape[0]
-                    assert max(c.k for c in e.chunks) <= want[0] and e.chunk_rows == (want[1] or rows)
+                    assert max(c.k for c in e.chunks) <= 256 and e.chunk_rows == src[name].shape[0]
 
 
 # -- unpack a folder ----------------------------------------------------------------------------
@@ -368,8 +370,12 @@ def test_pack_holds_one_source_tensor_at_a_time(hf: Path, tmp_path: Path, monkey
         return t
 
     monkeypatch.setattr(SafetensorsSource, "get_tensor", tracked)
-    pack(hf, tmp_path / "out")
+    pack(hf, tmp_path / "out", k=16)
     assert len(alive) == len(source_tensors(hf)) and most["n"] == 1
+    # bits mode reads each clustered tensor once more first (its histogram, for the allocation)
+    alive.clear()
+    report = pack(hf, tmp_path / "out2")
+    assert len(alive) == len(source_tensors(hf)) + report.clustered and most["n"] == 1
 
 
 def test_unpack_reads_one_chunk_at_a_time(packed: tuple[Path, PackReport, dict[str, str]], tmp_path: Path,
@@ -449,5 +455,5 @@ def test_default_pack_stores_whole_matrix_codebook_in_small_chunks(tmp_path: Pat
         assert isinstance(e, ClusteredEntry) and e.chunk_rows == 256 and len(e.chunks) == 3
         tables = {r.read_centroids("model.layers.0.mlp.up_proj.weight", i).tobytes() for i in range(3)}
         assert len(tables) == 1
-    whole = wcfmt.cluster_tensor(w, 64, None)
+    whole = wcfmt.cluster_tensor(w, step=e.quality["step"])  # the default encoder at the step pack chose
     assert torch.equal(wcfmt.load_file(tmp_path / "m.wclust")["model.layers.0.mlp.up_proj.weight"], whole.decode())

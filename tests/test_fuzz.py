@@ -170,7 +170,7 @@ class Parts:
                       and x.get("length")]  # fmt: skip
             room = min(starts, default=len(self.data)) - o
             self.data[o : o + max(0, min(n, len(self.data) - o))] = bytes(max(0, min(n, len(self.data) - o)))
-        if len(payload) <= room:
+        if room > 0 and len(payload) <= room:  # room > 0: ``o`` is a usable offset (an empty payload too)
             self.data[o : o + len(payload)] = payload
         else:
             self.data += bytes(-len(self.data) % 64)

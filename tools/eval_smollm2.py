@@ -211,6 +211,9 @@ def describe(kwargs: dict) -> str:
     parts = []
     for key, v in kwargs.items():
         flag = "--" + key.replace("_", "-")
+        if isinstance(v, bool):
+            parts.append(flag if v else "--no-" + key.replace("_", "-"))
+            continue
         parts.append(f"{flag} {Path(v).name if key == 'calib' else v}")
     return " ".join(parts)
 
@@ -355,14 +358,16 @@ def wcfmt_settings(args: argparse.Namespace) -> list[dict]:
     if args.bits and not has_bits:
         print("this wcfmt's pack has no bits= yet: --bits rows skipped", file=sys.stderr)
     if has_bits:
-        out += [{"bits": b} for b in args.bits]
+        # Projections only, like the GGUF rows (the default row clusters the embedding too).
+        out += [{"bits": b, "embeddings": False} for b in args.bits]
     out += [{"k": k} for k in args.k]
     if args.calib is not None:
         if not pack_accepts("calib"):
             print("this wcfmt's pack has no calib= yet: calibrated rows skipped", file=sys.stderr)
         else:
             for b in args.calib_bits:
-                kw: dict = {} if b == "default" else ({"k": int(b[1:])} if b.startswith("k") else {"bits": float(b)})
+                kw: dict = {} if b == "default" else (
+                    {"k": int(b[1:])} if b.startswith("k") else {"bits": float(b), "embeddings": False})
                 if "bits" in kw and not has_bits:
                     continue
                 kw["calib"] = str(args.calib)

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     enc = pk.add_mutually_exclusive_group()
     enc.add_argument("--bits", type=float, metavar="B",
                      help="entropy-constrained encoder: B stored bits per clustered weight on average over the "
-                     "model, one slope for all tensors (default encoder, at wcfmt.DEFAULT_BITS)")
+                     f"model, one slope for all tensors (the default encoder; default {_DEFAULT_BITS:g})")
     enc.add_argument("--k", type=int, metavar="K",
                      help="exact k-means with at most K centroids per codebook instead of --bits (the paper's setting)")
     pk.add_argument("--bits-embed", type=float, metavar="B",
@@ -199,6 +199,9 @@ def _cache(args: argparse.Namespace) -> object:
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     return Path(args.cache_dir)  # a folder: the cache file inside is named by its key
 
+
+#: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.convert.DEFAULT_BITS).
+_DEFAULT_BITS = 6.0
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.heal.DEFAULTS).
 _HEAL_DEFAULTS = {"steps": 60, "lr": 2e-3, "seq_len": 256, "batch": 4}

@@ -92,7 +92,10 @@ _HUF_MAX_BITS: Final[int] = 11
 #: Bits of one centroid table entry (raw fp16, spec §5.4).
 TABLE_ENTRY_BITS: Final[int] = 16
 
-#: Bisection steps of `step_for_bits`: the step is found to ~2^-40 of its bracket.
+#: Bisection of `step_for_bits` stops when the step is known to this relative precision (the cells,
+#: and so the bytes, stop changing long before: tools/bench_cluster.py --profile), or after
+#: `_BISECT_STEPS` halvings.
+_STEP_RTOL: Final[float] = 1e-7
 _BISECT_STEPS: Final[int] = 48
 
 
@@ -311,12 +314,14 @@ def step_for_bits(
     hi = 4.0 * max(spans)  # one cell per histogram: the fewest bits there are
     gaps = [float(np.diff(h.x).min()) / sc for h, _, sc in live if h.x.size > 1]
     lo = 0.25 * min(gaps) if gaps else hi / 4.0  # every value in a cell of its own: the most
-    if bits_at(lo) <= target:
-        return lo
     if bits_at(hi) >= target:
         return hi
+    # No test at ``lo`` (the costliest point: every value a cell, merged down to the cap): if the
+    # budget is never exceeded, ``lhi`` walks down to ``lo`` and is returned, as it would be.
     llo, lhi = math.log(lo), math.log(hi)
     for _ in range(_BISECT_STEPS):
+        if lhi - llo <= _STEP_RTOL:
+            break
         mid = 0.5 * (llo + lhi)
         if bits_at(math.exp(mid)) > target:
             llo = mid
