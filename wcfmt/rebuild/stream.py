@@ -12,9 +12,12 @@ tensor) and runs them through two stages:
    gathered while it is still in cache, and nothing is allocated per chunk. Lossless chunks
    decode their planes into the scratch buffers and merge them straight into the output.
    Centroid tables and their lookup tables are built once per distinct table of a tensor
-   (pack's default repeats one table in every chunk of a matrix). Large CPU outputs are
-   advised into transparent huge pages (`hostmem.advise_huge_pages`): page faults were a
-   third of a load's CPU time on the test machine. On a device
+   (pack's default repeats one table in every chunk of a matrix). CPU outputs are plain
+   `torch.empty` pages, as safetensors' are: advising them into transparent huge pages
+   (``madvise(MADV_HUGEPAGE)``) was measured both ways on the 2-core test VM, 0.28 s instead of
+   0.54 s to fault in 1.2 GB on one day and 1.1-2.7 s instead of 0.44-0.51 s on
+   another (no compaction stalls: the huge page faults themselves were slow), which made the
+   whole load 2x slower; a loader should not bet on the host's memory. On a device
    (``"triton"`` or ``"torch"``), the worker packs the piece's labels (1 byte or less per
    weight), tables and chunk metadata into a pinned staging slot; the main thread copies the
    slot to the device with one ``non_blocking`` copy on the slot's CUDA stream and launches the
@@ -59,7 +62,6 @@ from ..errors import UsageError
 from ..schema import AliasEntry, ClusteredEntry, LosslessEntry, chunk_row_ranges, rows_and_row_size
 from .backend import ChunkSpec, default_backend
 from .fast import GatherTable, gather_table, rebuild_chunk_fast
-from .hostmem import advise_huge_pages
 from .reference import centroids_as
 
 __all__ = ["load_tensors"]
@@ -164,8 +166,6 @@ class _Output:
         rows_per = [] if rows * row_size == 0 else chunk_row_ranges(rows, e.chunk_rows)
         ranges = [(a * row_size, b * row_size) for a, b in rows_per]
         flat = torch.empty(rows * row_size, dtype=value, device=dev)
-        if dev.type == "cpu":
-            advise_huge_pages(flat)  # before the first write: one page fault per 2 MiB
         return _Output(name, e, flat, ranges, value)
 
     def finish(self, dtype: torch.dtype | None) -> torch.Tensor:
