@@ -245,6 +245,20 @@ def evaluate_pack(
     return row
 
 
+def jittered(model, src: Path, ids: torch.Tensor, work: Path, kwargs: dict, d: float, **kw) -> Row:
+    """`evaluate_pack` at budgets ``bits - d``, ``bits``, ``bits + d``: one row of their means."""
+    rows = [evaluate_pack(model, src, ids, work, {**kwargs, "bits": round(kwargs["bits"] + x, 4)}, **kw)
+            for x in (-d, 0.0, d)]
+    mean = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
+    ratios = [r.ratio for r in rows]
+    return Row(
+        method="wcfmt", setting=rows[1].setting + f" (mean of ±{d:g})", bits_per_weight=mean(lambda r: r.bits_per_weight),
+        size_ratio=mean(lambda r: r.size_ratio), ppl=mean(lambda r: r.ppl), ratio=mean(lambda r: r.ratio),
+        pack_s=mean(lambda r: r.pack_s), eval_s=mean(lambda r: r.eval_s),
+        note="; ".join(x for x in (f"× bf16 {min(ratios):.4f}–{max(ratios):.4f}", rows[1].note) if x),
+    )
+
+
 # -- GGUF rows: the same matrices, block-quantised by the gguf package ---------------------------
 def gguf_bits_per_weight(qtype_name: str) -> float:
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
@@ -359,7 +373,7 @@ def wcfmt_settings(args: argparse.Namespace) -> list[dict]:
         print("this wcfmt's pack has no bits= yet: --bits rows skipped", file=sys.stderr)
     if has_bits:
         # Projections only, like the GGUF rows (the default row clusters the embedding too).
-        out += [{"bits": b, "embeddings": False} for b in args.bits]
+        out += [{"bits": b, "embeddings": bool(args.bits_embeddings)} for b in args.bits]
     out += [{"k": k} for k in args.k]
     if args.calib is not None:
         if not pack_accepts("calib"):
@@ -387,6 +401,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, nargs="*", default=list(DEFAULT_K), help="wcfmt pack --k rows")
     p.add_argument("--gguf", nargs="*", default=list(DEFAULT_GGUF), help="GGUF types (gguf.GGMLQuantizationType names)")
     p.add_argument("--no-default", dest="default", action="store_false", help="skip the row of pack's defaults")
+    p.add_argument("--bits-embeddings", action="store_true",
+                   help="--bits rows also cluster the token embedding (as pack's default does); default: projections only")
+    p.add_argument("--jitter", type=float, default=0.0, metavar="D",
+                   help="each --bits row is the mean of budgets B-D, B, B+D: perplexity moves by a few percent "
+                   "between budgets 0.02 bits apart (which weights round which way), so compare means")
     p.add_argument("--calib", type=Path, help="calibration text file, passed to pack(calib=...)")
     p.add_argument("--calib-bits", nargs="*", default=["default", "4.0"],
                    help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
@@ -427,6 +446,10 @@ def main(argv: list[str] | None = None) -> int:
         write_results()  # after every row, so an interrupted run keeps what it measured
 
     for kwargs in wcfmt_settings(args):
+        if args.jitter and "bits" in kwargs:
+            add(jittered(model, folder, ids, args.work, kwargs, args.jitter, window=args.window, base=base,
+                         base_bytes=base_bytes))
+            continue
         add(evaluate_pack(model, folder, ids, args.work, kwargs, window=args.window, base=base, base_bytes=base_bytes))
     for qtype in args.gguf:
         add(evaluate_gguf(model, state, ids, qtype, window=args.window, base=base, base_bytes=base_bytes))
