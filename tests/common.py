@@ -258,3 +258,24 @@ def write_fresh(path: Path, data: bytes) -> None:
     auto_da_alloc flushes a file that is truncated and rewritten; the sweeps do this 1000s of times."""
     Path(path).unlink(missing_ok=True)
     Path(path).write_bytes(data)
+
+
+def write_tiny_llama(folder: Path, *, hidden: int = 16, intermediate: int = 32, tie: bool = False,
+                     dtype: torch.dtype = torch.float32) -> Path:
+    """Save a random 2-layer Llama causal LM with a 15-word tokenizer into ``folder`` (needs
+    transformers); deterministic (seed 0)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[UNK]"] + "the king is dead long live queen and to be or not that question".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    config = transformers.LlamaConfig(
+        vocab_size=len(words), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+        num_attention_heads=max(2, hidden // 16), num_key_value_heads=max(1, hidden // 32),
+        max_position_embeddings=64, tie_word_embeddings=tie,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
+    return folder

@@ -84,7 +84,6 @@ def test_equal_slope_recorded(tmp_path: Path, three_matrices: Path) -> None:
             # every tensor at the model's slope (unweighted: mean importance 1)
             assert e.quality["lambda"] == pytest.approx(lam, rel=1e-5), name
             assert e.quality["step"] == pytest.approx(step, rel=1e-5), name
-    i = wcfmt.info(out) if hasattr(wcfmt, "info") else None
     from wcfmt.inspect import format_table, info
 
     table = format_table(info(out))
@@ -161,21 +160,11 @@ def test_allocate_groups_and_coarse_histograms() -> None:
 # -- a tied-embedding causal LM folder ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def tied_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    pytest.importorskip("transformers")
+    from common import write_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tied-llama")
-    words = ["[UNK]"] + "the king is dead long live queen and to be or not that question".split()
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    config = transformers.LlamaConfig(
-        vocab_size=len(words), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(folder)
-    return folder
+    return write_tiny_llama(tmp_path_factory.mktemp("tied-llama"), hidden=64, intermediate=128, tie=True,
+                            dtype=torch.bfloat16)
 
 
 def test_bits_embed_clusters_the_tied_embedding_once(tmp_path: Path, tied_llama: Path) -> None:

@@ -213,22 +213,10 @@ def test_calibrate_clustered_errors_name_the_tensor() -> None:
 # -- collect_hessians --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
-    transformers = pytest.importorskip("transformers")
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    pytest.importorskip("transformers")
+    from common import write_tiny_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    words = ["[UNK]"] + "the king is dead long live queen and to be or not that question".split()
-    vocab = {w: i for i, w in enumerate(words)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
-    config = transformers.LlamaConfig(
-        vocab_size=len(words), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 def test_collect_hessians_matches_the_models_hidden_states(tiny_llama) -> None:
