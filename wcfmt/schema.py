@@ -286,7 +286,9 @@ def _split_unknown_codecs(data: Any) -> dict[str, str]:
     first = {n: w for n, e in tensors.items() if isinstance(e, dict) and (w := _unknown_value(e)) is not None}
     out = dict(first)
     for n, e in tensors.items():  # aliases of those (an alias of an alias stays an error)
-        if isinstance(e, dict) and e.get("codec") == "alias" and e.get("target") in first:
+        # a non-string target is not looked up: validation then rejects it (HeaderError), not TypeError
+        if isinstance(e, dict) and e.get("codec") == "alias" and isinstance(e.get("target"), str) \
+                and e["target"] in first:
             out[n] = first[e["target"]]
     data["tensors"] = {n: e for n, e in tensors.items() if n not in out}
     return out

@@ -356,10 +356,11 @@ def validate_header(h: Any, lenient: bool) -> tuple[dict[str, Any], dict[str, st
         first = {n: w for n, e in tensors.items() if (w := _unknown_value(e)) is not None}
         unsupported.update(first)
         for n, e in tensors.items():
-            if isinstance(e, dict) and e.get("codec") == "alias" and e.get("target") in first:
+            if isinstance(e, dict) and e.get("codec") == "alias" and isinstance(e.get("target"), str) \
+                    and e["target"] in first:
                 unsupported[n] = first[e["target"]]
         tensors = {n: e for n, e in tensors.items() if n not in unsupported}
-    _scalar_values({k: v for k, v in h.items() if k != "tensors"})
+    _scalar_values({k: v for k, v in h.items() if k not in ("tensors", "settings")})
     if not isinstance(h["producer"], str) or len(h["producer"]) > 256:  # code points (§3.4)
         raise HeaderError("producer must be a string of at most 256 characters")
     if "metadata" in h:
@@ -368,6 +369,7 @@ def validate_header(h: Any, lenient: bool) -> tuple[dict[str, Any], dict[str, st
             raise HeaderError("metadata values must be strings")
     if "settings" in h:  # §4.3: informative, but still typed
         s = _keys(_obj(h["settings"], "settings"), SETTINGS_FIELDS, set(), "settings", lenient)
+        _scalar_values(s)  # its known fields: unknown ones (dropped above) are ignored whatever they hold
         for key in ("k", "chunk_rows", "level"):
             if key in s and not _is_int(s[key]):
                 raise HeaderError(f"settings.{key} must be an integer")
