@@ -135,6 +135,8 @@ def test_bad_input(packed: Path, tmp_path: Path) -> None:
         wcfmt.heal(packed, tmp_path / "x", ids()[:10], seq_len=32)
     with pytest.raises(FileNotFoundError):
         wcfmt.heal(packed, tmp_path / "x", tmp_path / "missing.txt")
+    with pytest.raises(UsageError, match="path of a UTF-8 text file"):  # the text itself, not its path
+        wcfmt.heal(packed, tmp_path / "x", "to be or not to be " * 50)
     assert not (tmp_path / "x").exists()
 
 

@@ -219,7 +219,11 @@ def _token_ids(src: Path, text: str | os.PathLike[str] | torch.Tensor | Sequence
     if isinstance(text, (list, tuple)):
         return torch.tensor(text, dtype=torch.long)
     path = Path(text)
-    if not path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError:  # e.g. the text itself passed instead of its path: "File name too long"
+        raise UsageError(f"text must be the path of a UTF-8 text file (or token ids), not {str(text)[:40]!r}…") from None
+    if not is_file:
         raise FileNotFoundError(2, "No such file", str(path))
     from transformers import AutoTokenizer
 
