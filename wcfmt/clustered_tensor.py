@@ -64,7 +64,12 @@ class ClusteredTensor:
         ranges = self.row_ranges()
         if len(self.centroids) != len(ranges):
             raise UsageError(f"{len(self.centroids)} centroid tables, but {len(ranges)} row chunks")
-        flat = self.labels.reshape(len(self.labels) if self.labels.dim() else 1, -1) if self.labels.numel() else None
+        # numpy, not torch: torch's max spins up its thread pool per call (~8 ms per chunk on 2 busy
+        # cores against ~0.1 ms; tools/NOTES-bench.md). CPU uint8 labels are a zero-copy view.
+        flat = None
+        if self.labels.numel():
+            lab = self.labels if self.labels.device.type == "cpu" else self.labels.cpu()
+            flat = lab.reshape(len(lab) if lab.dim() else 1, -1).numpy()
         for i, (table, (a, b)) in enumerate(zip(self.centroids, ranges)):
             if table.dtype != torch.float16 or table.dim() != 1:
                 raise UsageError(f"chunk {i}: centroids must be a 1-D float16 tensor")
