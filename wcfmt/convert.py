@@ -277,7 +277,7 @@ def _pack(
         shards = find_safetensors_shards(src)
         headers = [_checked_header(p) for p in shards.paths]  # fail before writing anything
         weight_map = _check_source_index(shards, headers)
-        settings = policy.prepare(shards.paths, settings, progress)
+        settings = policy.prepare(list(zip(shards.paths, headers)), settings, progress)
         total_size = sum(t.nbytes for h in headers for t in h.values())
         in_folder = {p.name for p in src.glob(f"*{SAFETENSORS_SUFFIX}") if p.is_file()}
         report = PackReport(src, dst, skipped=sorted(in_folder - set(shards.files)))
@@ -302,8 +302,9 @@ def _pack(
     else:
         check_output(src, dst, force=force, want_dir=False)
         report = PackReport(src, dst)
-        total_size = sum(t.nbytes for t in _checked_header(src).values())
-        settings = policy.prepare([src], settings, progress)
+        header = _checked_header(src)
+        total_size = sum(t.nbytes for t in header.values())
+        settings = policy.prepare([(src, header)], settings, progress)
         with bar(progress, total=total_size, desc="pack", unit="B", unit_scale=True) as overall:
             report.files.append(
                 _pack_file(src, dst, policy, settings, level, threads, force, progress, overall, clusterer)
@@ -424,7 +425,7 @@ def _check_exists(src: Path) -> None:
 #: 6.0 bits 1.030× bf16 perplexity (mean of three nearby budgets, 1.024–1.042) with the files at
 #: 0.375 of bf16, both better than the previous default (K = 64 k-means: 1.040×, 0.417); 5.5 bits
 #: gives 0.343 but 1.053×.
-DEFAULT_BITS: float | None = 6.0
+DEFAULT_BITS: float = 6.0
 
 
 #: With ``calib``: after GPTQ labelling, replace each table by its cells' diag(H)-weighted means
@@ -467,7 +468,8 @@ class _Plan:
             raise UsageError(f"calib_tokens must be an integer >= 2, got {tokens!r}")
         self.calib = (Path(src), text, tokens)
 
-    def _collect(self, paths: Sequence[Path], settings: PackSettings, progress: bool) -> PackSettings:
+    def _collect(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], settings: PackSettings,
+                 progress: bool) -> PackSettings:
         from .cluster.calibrate import collect_hessians
 
         assert self.calib is not None
@@ -478,12 +480,9 @@ class _Plan:
             text = text_path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"calib {text_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-        wanted = set()
-        for p in paths:
-            for info in _checked_header(p).values():
-                if self.policy.clusters(info.name, tuple(info.shape), info.dtype) and len(info.shape) == 2 \
-                        and self.policy.group(info.name) != "embed":
-                    wanted.add(info.name)
+        wanted = {info.name for _, h in headers for info in h.values()
+                  if self.policy.clusters(info.name, tuple(info.shape), info.dtype) and len(info.shape) == 2
+                  and self.policy.group(info.name) != "embed"}  # fmt: skip
         self.hessians = collect_hessians(folder, text, tokens, names=wanted, progress=progress)
         extra = dict(settings.extra)
         extra["calib"] = "gptq" + ("+refit" if CALIB_REFIT else "")
@@ -491,11 +490,12 @@ class _Plan:
         extra["calib_tokens"] = str(tokens)
         return settings.model_copy(update={"extra": extra})
 
-    def prepare(self, paths: Sequence[Path], settings: PackSettings, progress: bool) -> PackSettings:
-        """Collect calibration statistics and allocate the bits (bits mode); return the settings
-        with both recorded."""
+    def prepare(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], settings: PackSettings,
+                progress: bool) -> PackSettings:
+        """Collect calibration statistics and allocate the bits (bits mode) over the source files
+        and their (already checked) headers; return the settings with both recorded."""
         if self.calib is not None:
-            settings = self._collect(paths, settings, progress)
+            settings = self._collect(headers, settings, progress)
         if self.budgets is None:
             return settings
         from .cluster import table_entry_bits
@@ -505,7 +505,6 @@ class _Plan:
 
         rates: dict[str, TensorRate] = {}
         budgets = dict(self.budgets)
-        headers = [(p, _checked_header(p)) for p in paths]
         total = sum(t.nbytes for _, h in headers for t in h.values() if self.policy.clusters(t.name, t.shape, t.dtype))
         with bar(progress, total=total, desc="histograms", unit="B", unit_scale=True) as b:
             for p, h in headers:
@@ -545,9 +544,6 @@ class _Plan:
             extra[f"step{key}"] = f"{alloc.group_step[g]:.6g}"
         return settings.model_copy(update={"extra": extra})
 
-    def clusters(self, name: str, shape: Sequence[int], dtype: str) -> bool:
-        return self.policy.clusters(name, shape, dtype)
-
     def decide(self, name: str, shape: Sequence[int], dtype: str) -> _Spec | None:
         if not self.policy.clusters(name, shape, dtype):
             return None
@@ -573,7 +569,7 @@ def _policy(
         raise UsageError(f"level must be a zstd level, an integer in -131072..22, got {level!r}")
     if k is not None and bits is not None:
         raise UsageError(f"give k or bits, not both (k={k!r}, bits={bits!r})")
-    if k is None and bits is None and DEFAULT_BITS is not None and not k_overrides:
+    if k is None and bits is None and not k_overrides:
         bits = DEFAULT_BITS
     bits_mode = bits is not None
     if not bits_mode:

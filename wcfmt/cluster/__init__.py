@@ -37,7 +37,16 @@ from .kmeans import (
     solve_centroids,
     value_histogram,
 )
-from .ecsq import CELL_ENTRY_BITS, TABLE_ENTRY_BITS, dp_cells, ecsq_cells, slope_of_step, step_for_bits, table_for_cells
+from .ecsq import (
+    CELL_ENTRY_BITS,
+    TABLE_ENTRY_BITS,
+    dp_cells,
+    ecsq_cells,
+    equal_slope_scales,
+    slope_of_step,
+    step_for_bits,
+    table_for_cells,
+)
 from .policy import DEFAULT_CHUNK_ROWS, DEFAULT_K, ClusterPolicy
 from .report import ChunkStats, combine, quality
 
@@ -233,13 +242,21 @@ def cluster_tensor(
         solved = _run(threads, lambda g: solve_centroids([hists[i] for i in g], k, method), groups)
         centroids = {i: c for g, cs in zip(groups, solved) for i, c in zip(g, cs)}
         done += _run(threads, finish, wave)
+    return _assemble(t, shape, cr, labels, done)
+
+
+def _assemble(
+    t: torch.Tensor, shape: tuple[int, ...], cr: int, labels: np.ndarray, done: list[tuple[torch.Tensor, ChunkStats]],
+    **extra_quality: float,
+) -> ClusteredTensor:
+    """The ClusteredTensor of finished chunks (table, stats), quality combined over them."""
     return ClusteredTensor(
         labels=from_numpy(labels, "U8").reshape(shape),
         centroids=[tbl for tbl, _ in done],
         chunk_rows=cr,
         dtype=t.dtype,
         shape=torch.Size(shape),
-        quality=combine([s for _, s in done]),
+        quality={**combine([s for _, s in done]), **extra_quality},
     )
 
 
@@ -260,9 +277,7 @@ def _finish_ecsq(
     dtype = name_of(t.dtype)
     rows = rows_and_row_size(shape)[0]
     entry = [table_entry_bits(b - a, rows) for a, b in ranges]
-    # Equal slope over chunks of different mean importance ω: step_c = s/√ω_c.
-    omega = [float(hists[i].weight.sum() / hists[i].count.sum()) if hists[i].x.size else 1.0 for i in range(len(ranges))]
-    scales = [1.0 / math.sqrt(o) for o in omega]
+    scales = equal_slope_scales([hists[i] for i in range(len(ranges))])  # step_c = s/√ω_c
     if step is None:
         assert bits is not None
         from .allocate import coarse_histogram  # F32: bisect on ≤ 8,192 grid cells, not every value
@@ -288,14 +303,4 @@ def _finish_ecsq(
         return from_numpy(table, "F16"), ChunkStats.from_histogram(h.x, h.count, rebuilt, bounds)
 
     done = _run(threads, finish, list(range(len(ranges))))
-    q = combine([s for _, s in done])
-    q["step"] = float(step)
-    q["lambda"] = float(lam)
-    return ClusteredTensor(
-        labels=from_numpy(labels, "U8").reshape(shape),
-        centroids=[tbl for tbl, _ in done],
-        chunk_rows=cr,
-        dtype=t.dtype,
-        shape=torch.Size(shape),
-        quality=q,
-    )
+    return _assemble(t, shape, cr, labels, done, step=float(step), **{"lambda": float(lam)})

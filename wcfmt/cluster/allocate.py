@@ -15,12 +15,11 @@ Groups with their own budget (``--bits-embed``, per-regex overrides) get their o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .ecsq import CELL_ENTRY_BITS, ecsq_cells, rate_bits, slope_of_step, step_for_bits
+from .ecsq import CELL_ENTRY_BITS, ecsq_cells, equal_slope_scales, rate_bits, slope_of_step, step_for_bits
 from .kmeans import EXACT_MAX_POINTS, ValueHistogram, _grid_cells
 
 __all__ = ["TensorRate", "Allocation", "allocate", "coarse_histogram"]
@@ -41,8 +40,7 @@ class TensorRate:
 
     @property
     def scales(self) -> list[float]:
-        # step_c = s/√ω_c: the same slope for every chunk, whatever its mean importance.
-        return [1.0 / math.sqrt(float(h.weight.sum() / h.count.sum())) if h.x.size else 1.0 for h in self.hists]
+        return equal_slope_scales(self.hists)
 
     def bits_at(self, step: float) -> float:
         """Modelled stored bits of the whole tensor at common step ``step``."""

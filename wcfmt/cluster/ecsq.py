@@ -66,6 +66,7 @@ __all__ = [
     "rate_bits",
     "huffman_bits",
     "slope_of_step",
+    "equal_slope_scales",
     "step_for_bits",
     "ecsq_dp",
     "dp_cells",
@@ -180,6 +181,12 @@ def lagrangian(stats: CellStats, lam: float, entry_bits: float) -> float:
     return float(stats.sse.sum()) + lam * (_label_bits(stats.n, total) + entry_bits * stats.n.size)
 
 
+def equal_slope_scales(hists: list[ValueHistogram]) -> list[float]:
+    """Per histogram the factor ``1/√ω`` (ω its mean importance) that puts cells of width
+    ``s/√ω`` at one slope λ for a common ``s`` (`slope_of_step`); 1 for an empty histogram."""
+    return [1.0 / math.sqrt(float(h.weight.sum() / h.count.sum())) if h.x.size else 1.0 for h in hists]
+
+
 def slope_of_step(step: float, mean_weight: float = 1.0) -> float:
     """λ (weighted squared error per bit) at which a uniform quantiser of ``step`` is optimal."""
     return mean_weight * step * step * math.log(2.0) / 6.0
@@ -203,18 +210,11 @@ def uniform_cells(h: ValueHistogram, step: float) -> np.ndarray:
     return np.concatenate(([0], cut, [h.x.size])).astype(np.int64)
 
 
-def _merge_cost(n1: float, w1: float, m1: float, n2: float, w2: float, m2: float, lam: float, entry_bits: float) -> float:
-    """Change of J when two adjacent cells merge (≤ 0 means the merge pays)."""
-    dd = w1 * w2 / (w1 + w2) * (m1 - m2) ** 2
-    nn = n1 + n2
-    dl = n1 * math.log2(n1) + n2 * math.log2(n2) - nn * math.log2(nn)  # change of label bits: ≤ 0
-    return dd + lam * (dl - entry_bits)
-
-
 def merge_cells(stats: CellStats, lam: float, entry_bits: float, k_max: int = MAX_K) -> np.ndarray:
     """Merge adjacent cells, cheapest first, while a merge lowers J or there are over ``k_max``.
 
-    Returns the new bounds. Ties go to the leftmost pair; the result is deterministic.
+    Merging cells 1 and 2 changes J by ``w1·w2/(w1+w2)·(m1−m2)² + λ·(n1·log2 n1 + n2·log2 n2 −
+    (n1+n2)·log2(n1+n2) − entry_bits)`` (≤ 0: the merge pays). Returns the new bounds. Ties go to the leftmost pair; the result is deterministic.
     """
     k = stats.n.size
     if k <= 1:
@@ -229,7 +229,7 @@ def merge_cells(stats: CellStats, lam: float, entry_bits: float, k_max: int = MA
         return stats.bounds
     # Greedy merging over a doubly linked list of cells with a heap of pair costs. This loop is
     # most of `step_for_bits`' time (its small trial steps leave thousands of cells to merge to
-    # k_max), so `_merge_cost` is inlined with each cell's n·log2(n) kept (`xl`): the same
+    # k_max), so the pair cost above is computed inline with each cell's n·log2(n) kept (`xl`): the same
     # float operations in the same order, so the same merges (tools/bench_cluster.py --bits).
     log2, heappush, heappop = math.log2, heapq.heappush, heapq.heappop
     nl, wl, ml = n.tolist(), w.tolist(), m.tolist()
@@ -265,11 +265,11 @@ def merge_cells(stats: CellStats, lam: float, entry_bits: float, k_max: int = MA
         vi = version[i] = vi + 1
         live -= 1
         p = prv[i]
-        if p >= 0:  # as _merge_cost(nl[p], wl[p], ml[p], ni, ww, mi, lam, entry_bits)
+        if p >= 0:  # the pair cost of cells p and i
             wp, nn = wl[p], nl[p] + ni
             c = wp * ww / (wp + ww) * (ml[p] - mi) ** 2 + lam * ((xl[p] + xi - nn * log2(nn)) - entry_bits)
             heappush(heap, (c, p, version[p], vi))
-        if q >= 0:  # as _merge_cost(ni, ww, mi, nl[q], wl[q], ml[q], lam, entry_bits)
+        if q >= 0:  # the pair cost of cells i and q
             wq, nn = wl[q], ni + nl[q]
             c = ww * wq / (ww + wq) * (mi - ml[q]) ** 2 + lam * ((xi + xl[q] - nn * log2(nn)) - entry_bits)
             heappush(heap, (c, i, vi, version[q]))
