@@ -36,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import shakespeare  # noqa: E402
+from eval_smollm2 import write_keeping_notes as keep_notes  # noqa: E402
 from eval_smollm2 import (  # noqa: E402
     clustered_bits_per_weight,
     clustered_names,
@@ -184,10 +185,8 @@ def results_markdown(rows: list[Row], *, folder: Path, base_bytes: int, n_senten
 
 
 def write_keeping_notes(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``, keeping the old file's part from `NOTES_MARKER` on."""
-    old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else NOTES_MARKER + "\n"
-    path.write_text(text.rstrip("\n") + "\n\n" + notes, encoding="utf-8")
+    """`eval_smollm2.write_keeping_notes` with this tool's marker."""
+    keep_notes(path, text, NOTES_MARKER)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -356,10 +356,10 @@ def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_to
     return "\n".join(lines)
 
 
-def write_keeping_notes(path: Path, text: str) -> None:
-    """Write ``text`` to ``path``, keeping the old file's part from `NOTES_MARKER` on."""
+def write_keeping_notes(path: Path, text: str, marker: str = NOTES_MARKER) -> None:
+    """Write ``text`` to ``path``, keeping the old file's part from ``marker`` on."""
     old = path.read_text(encoding="utf-8") if path.is_file() else ""
-    notes = old[old.index(NOTES_MARKER) :] if NOTES_MARKER in old else NOTES_MARKER + "\n"
+    notes = old[old.index(marker) :] if marker in old else marker + "\n"
     path.write_text(text.rstrip("\n") + "\n\n" + notes, encoding="utf-8")
 
 
