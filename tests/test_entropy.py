@@ -131,3 +131,31 @@ def test_declared_size_reads_the_frame_header_only() -> None:
     assert declared_size(zstandard.ZstdCompressor(write_content_size=False).compress(raw), "zstd") is None
     assert declared_size(b"junk", "zstd") is None
     assert declared_size(stored[:2], "zstd") is None
+
+
+def test_a_frame_saving_less_than_min_saving_is_stored_raw() -> None:
+    from wcfmt.codecs.entropy import MIN_SAVING
+
+    rng = np.random.default_rng(3)
+    noise = rng.integers(0, 256, 1 << 19, dtype=np.uint8).tobytes()
+    # a compressible head of ~0.8% of the data: zstd saves a little, less than MIN_SAVING
+    slight = bytes(4096) + noise
+    frame = zstandard.ZstdCompressor().compress(slight)
+    assert len(frame) < len(slight) and len(frame) > len(slight) * (1 - MIN_SAVING)
+    assert compress(slight) == (slight, "raw")
+    # a compressible head of ~10%: a frame
+    stored, enc = compress(bytes(40000) + noise)
+    assert enc == "zstd" and len(stored) < (40000 + len(noise)) * (1 - MIN_SAVING)
+
+
+def test_float_planes_kind_codes_literals_without_matches() -> None:
+    # an exponent-like plane: few distinct bytes, repeats that the fast strategy would match
+    rng = np.random.default_rng(0)
+    plane = (120 + rng.geometric(0.45, 1 << 18).clip(0, 12)).astype(np.uint8).tobytes()
+    lit, enc1 = compress(plane, kind="float_planes")
+    byt, enc2 = compress(plane, kind="bytes")
+    assert enc1 == enc2 == "zstd"
+    assert len(lit) < len(byt)  # matches cost more than the literals they replace
+    assert decompress(lit, "zstd", len(plane)) == plane
+    with pytest.raises(ValueError, match="kind"):
+        compress(plane, kind="nope")

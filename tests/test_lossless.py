@@ -131,3 +131,41 @@ def test_exponent_plane_compresses() -> None:
     (top, top_enc), (low, _low_enc) = jobs[0]()
     assert top_enc == "zstd" and len(top) < 0.6 * t.numel()
     assert len(low) > 0.9 * t.numel()
+
+
+@pytest.mark.parametrize("name", [n for n in ALL if DTYPES[n][0] > 1])
+def test_merge_across_blocks_matches_the_spec_formula(name: str) -> None:
+    # more than two merge blocks, random bit patterns (NaN payloads, subnormals, both signs):
+    # from_planes must give what spec §6.2 says, computed here in uint64 as the reference does
+    size = DTYPES[name][0]
+    n = 2 * lossless._MERGE_BLOCK + 1237
+    raw = np.random.default_rng(size).integers(0, 256, n * size, dtype=np.uint8)
+    values = raw.view(DTYPES[name][1])
+    transform = lossless.transform_for(name)
+    planes = lossless.to_planes(values, name, transform)
+    words = np.zeros(n, np.uint64)
+    for p, plane in enumerate(planes):
+        words |= plane.astype(np.uint64) << np.uint64(8 * (size - 1 - p))
+    if transform == "float_planes":
+        words = (words >> np.uint64(1)) | ((words & np.uint64(1)) << np.uint64(8 * size - 1))
+    want = words.astype("<u8").view(np.uint8).reshape(n, 8)[:, :size].tobytes()
+    out = np.full(n, 0xAB, np.uint8).repeat(size).view(DTYPES[name][1])  # stale bytes must go
+    got = lossless.from_planes(planes, name, transform, out)
+    assert got is out and got.tobytes() == want == raw.tobytes()
+
+
+def test_float_planes_are_coded_as_literal_streams(monkeypatch: pytest.MonkeyPatch) -> None:
+    kinds: list[str] = []
+    real = entropy.compress
+
+    def spy(data, level=None, kind="bytes"):  # type: ignore[no-untyped-def]
+        kinds.append(kind)
+        return real(data, level, kind)
+
+    monkeypatch.setattr(entropy, "compress", spy)
+    for t, want in ((torch.randn(64, 64).bfloat16(), "float_planes"), (torch.arange(4096, dtype=torch.int32), "bytes")):
+        kinds.clear()
+        _, jobs = lossless.encode_chunks(t)
+        for job in jobs:
+            job()
+        assert kinds and set(kinds) == {want}

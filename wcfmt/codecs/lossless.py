@@ -25,12 +25,12 @@ Payload = tuple[bytes, str]
 ReadBlob = Callable[[Blob, int, str], "bytes | memoryview"]
 _UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
-#: Elements merged per step in `from_planes`: 64K bf16 words (128 KiB) plus their planes and the
-#: rotation's temporary (384 KiB in all) stay within the 1 MiB L2 of the test machine. Each step
-#: is five numpy calls, whose fixed cost is what smaller blocks pay: merging a 2M-element bf16
-#: chunk on one core (CPU time, median of 15) ran at 3.3 GB/s of output with 16K, 4.2 with 32K,
-#: 5.2 with 64K, 5.1-5.3 with 128K-256K.
-_MERGE_BLOCK = 1 << 16
+#: Elements merged per step in `from_planes`: 128K bf16 words (256 KiB) plus their planes and one
+#: temporary word block (768 KiB in all) stay within the 1 MiB L2 of the test machine. Each step
+#: is a handful of numpy calls, whose fixed cost is what smaller blocks pay: merging the SmolLM2
+#: embedding's planes (28 M bf16, one core, best of 9) ran at 4.6 GB/s of output with 64K and
+#: 5.9 with 128K (`python tools/bench_format.py`, codec rows).
+_MERGE_BLOCK = 1 << 17
 
 
 def transform_for(dtype: str) -> str:
@@ -61,10 +61,12 @@ def from_planes(
     """Inverse of `to_planes`: return storage-form values (in ``out``, if given: a contiguous
     1-D array of the planes' length in the storage dtype).
 
-    Words are built in place, `_MERGE_BLOCK` elements at a time, by shift-and-or (about twice as
-    fast as scattering bytes into an (n, size) array), and the float rotation is undone on the
-    same block while it is in L1/L2, so each output byte is written from cache, never re-read
-    from memory, and nothing as large as the chunk is allocated.
+    Words are built in place, `_MERGE_BLOCK` elements at a time, while the block is in L1/L2:
+    each plane is widened into the word block by a casting copy and or-ed in after the word is
+    multiplied by 256 (a shift; numpy's multiply of unsigned words is vectorised, its shift by a
+    scalar slower), and the float rotation is undone on the same block (``(w >> 1) | (w << bits-1)``
+    with the left shift again as a multiply). Each output byte is written from cache, never
+    re-read from memory, and nothing as large as the chunk is allocated.
     """
     size = itemsize(dtype)
     word = np.dtype(_UINT[size]).newbyteorder("<")
@@ -83,20 +85,20 @@ def from_planes(
     if size == 1:
         u[...] = planes[0]
         return out
-    shift, back = word.type(8), word.type(8 * size - 1)
+    by_byte, to_top = word.type(256), word.type(1 << (8 * size - 1))
     rotate = transform == "float_planes"
-    tmp = np.empty(min(n, _MERGE_BLOCK), word) if rotate else None
+    tmp = np.empty(min(n, _MERGE_BLOCK), word)
     for s in range(0, n, _MERGE_BLOCK):
         o = u[s : s + _MERGE_BLOCK]
-        np.left_shift(planes[0][s : s + _MERGE_BLOCK], shift, out=o, dtype=word)
-        np.bitwise_or(o, planes[1][s : s + _MERGE_BLOCK], out=o)
-        for plane in planes[2:]:
-            np.left_shift(o, shift, out=o)
-            np.bitwise_or(o, plane[s : s + _MERGE_BLOCK], out=o)
-        if tmp is not None:  # rotate right by one bit: the sign goes back to the top
-            t = tmp[: o.size]
+        t = tmp[: o.size]
+        np.copyto(o, planes[0][s : s + _MERGE_BLOCK], casting="unsafe")
+        for plane in planes[1:]:
+            np.multiply(o, by_byte, out=o)
+            np.copyto(t, plane[s : s + _MERGE_BLOCK], casting="unsafe")
+            np.bitwise_or(o, t, out=o)
+        if rotate:  # rotate right by one bit: the sign goes back to the top
             np.right_shift(o, word.type(1), out=t)
-            np.left_shift(o, back, out=o)
+            np.multiply(o, to_top, out=o)
             np.bitwise_or(o, t, out=o)
     return out
 
@@ -109,11 +111,12 @@ def encode_chunks(t: torch.Tensor, level: int | None = None) -> tuple[int, list[
     chunk_rows = chunk_rows_for(shape, dtype)
     values = to_numpy(t).reshape(-1)
     transform = transform_for(dtype)
+    kind = "float_planes" if transform == "float_planes" else "bytes"
     if rows * row_size == 0:
         return chunk_rows, []
 
     def job(part: np.ndarray) -> Callable[[], list[Payload]]:
-        return lambda: [entropy.compress(p.tobytes(), level) for p in to_planes(part, dtype, transform)]
+        return lambda: [entropy.compress(p.tobytes(), level, kind) for p in to_planes(part, dtype, transform)]
 
     return chunk_rows, [job(values[a * row_size : b * row_size]) for a, b in chunk_row_ranges(rows, chunk_rows)]
 
