@@ -56,3 +56,26 @@ def test_remote_code_loads_through_auto_class(packed: tuple[Path, Path], tmp_pat
 def test_class_of() -> None:
     assert class_of("model.layers.0.mlp.up_proj.weight") == "mlp.up_proj.weight"
     assert class_of("lm_head.weight") == "lm_head.weight"
+
+
+def test_transforms_say_so_in_the_copied_card(packed: tuple[Path, Path], tmp_path: Path) -> None:
+    from wcfmt.io.card import EDITS_HEADING, note_edit
+
+    _, out = packed
+    before = (out / "README.md").read_text()
+    wcfmt.transforms.transform(out, tmp_path / "t1", "affine", a=2.0, tensors=r"q_proj")
+    wcfmt.transforms.transform(tmp_path / "t1", tmp_path / "t2", "permute", seed=3)
+    text = (tmp_path / "t2" / "README.md").read_text()
+    card = ModelCard(text)  # still a valid card, front matter untouched
+    assert card.data.to_dict()["library_name"] == "wcfmt"
+    assert text.count(EDITS_HEADING) == 1
+    ours, original = text.split("## Original model card")
+    lines = [line for line in ours.split(EDITS_HEADING)[1].splitlines() if line.startswith("- ")]
+    assert len(lines) == 2 and "affine" in lines[0] and "2 tensor(s)" in lines[0] and "permute seed=3" in lines[1]
+    assert original.rstrip().endswith("Source words.")  # the source's text stays last
+    assert (out / "README.md").read_text() == before  # the source folder is only read
+    # a README that is not a wcfmt card is left as it is
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "README.md").write_text("# my notes\n")
+    assert note_edit(plain, ["x"]) is False and (plain / "README.md").read_text() == "# my notes\n"

@@ -81,6 +81,10 @@ def test_heal_lowers_the_loss_and_keeps_labels_and_other_tensors(packed: Path, t
                     assert bool((t[1:] > t[:-1]).all()) and bool((t.bfloat16()[1:] > t.bfloat16()[:-1]).all())
     assert changed == 14
     assert (dst / "config.json").read_bytes() == (packed / "config.json").read_bytes()
+    # the card of the copy says it was healed (the packed folder's card does not)
+    card = (dst / "README.md").read_text()
+    assert "## Changes after packing" in card and "`wcfmt heal`" in card and "steps=30" in card
+    assert "## Changes after packing" not in (packed / "README.md").read_text()
 
 
 def test_heal_only_the_chosen_tensors(packed: Path, tmp_path: Path) -> None:

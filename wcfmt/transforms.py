@@ -336,6 +336,10 @@ def write_edited(
                     target = tmp / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src / rel, target)
+            from .io.card import note_edit
+
+            what = {"transform": "`wcfmt transform`", "healed": "`wcfmt heal` (centroid-only fine-tuning)"}
+            note_edit(tmp, [f"{what.get(k, k)}: {v}; {len(set(edited))} tensor(s)" for k, v in note.items()])
     else:
         from .atomic import AtomicFile
 

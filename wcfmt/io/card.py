@@ -27,7 +27,7 @@ from ..atomic import write_text_atomic
 from ..errors import UsageError
 from .safetensors_io import format_size
 
-__all__ = ["CardOptions", "write_card", "class_of", "class_table", "SHIM_NAME", "write_remote_code"]
+__all__ = ["CardOptions", "write_card", "note_edit", "class_of", "class_table", "SHIM_NAME", "write_remote_code"]
 
 CARD_NAME = "README.md"
 SHIM_NAME = "modeling_wclust.py"
@@ -213,6 +213,43 @@ def write_card(folder: str | os.PathLike[str], src: str | os.PathLike[str] | Non
     path = folder / CARD_NAME
     write_text_atomic(path, card_text(folder, Path(src) if src is not None else None, source_bytes, options))
     return path
+
+
+#: The section `note_edit` adds to a wcfmt card, and the line it opens with.
+EDITS_HEADING = "## Changes after packing"
+_EDITS_INTRO = ("These edits were made to the packed weights after packing; the settings, sizes and quality above "
+                "describe the model as packed, before them.")
+_ORIGINAL = "\n---\n\n## Original model card"
+
+
+def note_edit(folder: str | os.PathLike[str], lines: list[str]) -> bool:
+    """Record an edit of packed ``folder`` (``wcfmt transform``, ``wcfmt heal``) in its card.
+
+    Adds ``lines`` (markdown bullets, without the ``- ``) to the card's "Changes after packing"
+    section, made before the source's own card text if there is none yet, so that a transformed
+    or healed copy does not present itself as the model that was packed. A ``README.md`` that is
+    not a wcfmt card (no ``library_name: wcfmt`` in its front matter) is left alone. Returns
+    whether the card was changed."""
+    path = Path(folder) / CARD_NAME
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (FileNotFoundError, UnicodeDecodeError):
+        return False
+    front = text.split("\n---\n", 1)[0] if text.startswith("---\n") else ""
+    if not re.search(r"^library_name:\s*wcfmt\s*$", front, re.M):
+        return False
+    bullets = "".join(f"- {line}\n" for line in lines)
+    if EDITS_HEADING in text:
+        head, tail = text.split(EDITS_HEADING, 1)
+        cut = tail.find(_ORIGINAL)
+        body, rest = (tail, "") if cut < 0 else (tail[:cut], tail[cut:])
+        text = head + EDITS_HEADING + body.rstrip("\n") + "\n" + bullets + rest
+    else:
+        cut = text.find(_ORIGINAL)
+        section = f"\n{EDITS_HEADING}\n\n{_EDITS_INTRO}\n\n{bullets}"
+        text = text.rstrip("\n") + "\n" + section if cut < 0 else text[:cut].rstrip("\n") + "\n" + section + text[cut:]
+    write_text_atomic(path, text)
+    return True
 
 
 #: Which Auto class a shim registers for, by the architecture's suffix.
