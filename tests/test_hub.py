@@ -169,3 +169,19 @@ def test_round_trip_through_the_real_client(tmp_path: Path, real_hub, monkeypatc
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     assert generate("hf://me/tiny-wclust") == want
     assert len(real_hub.requests) == asked  # offline from the warm cache: no request
+
+
+def test_transform_reads_a_hub_source(tmp_path: Path, hub: FakeHub) -> None:
+    """transform (like heal and sensitivity, which share resolve_source) takes hf://org/name."""
+    from wcfmt.cluster import cluster_tensor
+
+    repo = tmp_path / "hub" / "org" / "packed"
+    repo.mkdir(parents=True)
+    g = torch.Generator().manual_seed(2)
+    wcfmt.save_file({"w": cluster_tensor(torch.randn(16, 8, generator=g), k=8)}, repo / "model.wclust")
+    rep = wcfmt.transforms.transform("hf://org/packed@v1", tmp_path / "out", "affine", a=2.0)
+    assert rep.tensors == ["w"]
+    kind, kw = hub.calls[0]
+    assert (kind, kw["repo_id"], kw["revision"]) == ("snapshot_download", "org/packed", "v1")
+    with wcfmt.safe_open(repo / "model.wclust") as a, wcfmt.safe_open(tmp_path / "out" / "model.wclust") as b:
+        assert torch.equal(b.get_tensor("w"), (a.get_tensor("w").half() * 2).to(a.get_tensor("w").dtype))

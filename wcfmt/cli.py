@@ -110,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Change the cluster means, keep each weight's cluster (the rank experiments). "
         "Rank-breaking modes permute labels so that tables stay ascending.",
     )  # fmt: skip
-    tf.add_argument("src", metavar="SRC", help="a .wclust file or a packed folder")
+    tf.add_argument("src", metavar="SRC",
+                    help="a .wclust file, a packed folder, or a packed Hub repository (hf://org/name[@rev])")
     tf.add_argument("-o", "--output", dest="dst", metavar="DST", required=True, help="output file or folder")
     tf.add_argument("--mode", action="append", required=True, metavar="MODE",
                     help="one of: " + ", ".join(_TRANSFORM_MODES) + " (repeat to chain, applied in order)")
@@ -127,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train every clustered matrix's centroid table (labels fixed, all else frozen) with "
         "next-token loss, and write a copy whose labels are byte-identical.",
     )  # fmt: skip
-    he.add_argument("src", metavar="SRC", help="a packed model folder (config, tokenizer, .wclust shards)")
+    he.add_argument("src", metavar="SRC", help="a packed model folder (config, tokenizer, .wclust shards) "
+                    "or Hub repository (hf://org/name[@rev])")
     he.add_argument("-o", "--output", dest="dst", metavar="DST", required=True, help="output folder")
     he.add_argument("--text", required=True, metavar="FILE", help="UTF-8 training text")
     he.add_argument("--steps", type=int, default=_HEAL_DEFAULTS["steps"], metavar="N",
@@ -148,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="For every matrix pack would cluster and every K, cluster only that matrix and measure "
         "perplexity on the text (one forward pass each: keep --tokens small). Cached by source hash and settings.",
     )  # fmt: skip
-    se.add_argument("src", metavar="SRC", help="a dense Hugging Face causal LM folder")
+    se.add_argument("src", metavar="SRC",
+                    help="a dense Hugging Face causal LM folder or Hub repository (hf://org/name[@rev])")
     se.add_argument("--text", required=True, metavar="FILE", help="UTF-8 text to score")
     _budget_args(se, "--k")
     se.add_argument("--tensors", metavar="RE", help="only matrices whose name matches RE")

@@ -249,7 +249,8 @@ def heal(
     force: bool = False,
     progress: bool = False,
 ) -> HealReport:
-    """Heal the packed causal LM folder ``src`` on ``text``; write the healed folder ``dst``.
+    """Heal the packed causal LM folder ``src`` (or Hub repository, ``hf://org/name[@rev]``) on
+    ``text``; write the healed folder ``dst``.
 
     ``text``: a UTF-8 text file (tokenized with the folder's tokenizer) or token ids. It is cut
     into windows of ``seq_len`` tokens; each of ``steps`` Adam steps (learning rate ``lr``,
@@ -267,8 +268,10 @@ def heal(
     from .schema import ClusteredEntry
     from .transforms import write_edited
 
+    from .io.sources import resolve_source
+
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = resolve_source(src), Path(dst)  # a Hub repository (hf://org/name) is downloaded first
     for what, v, lo in (("steps", steps, 1), ("seq_len", seq_len, 2), ("batch", batch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise UsageError(f"{what} must be an integer >= {lo}, got {v!r}")

@@ -144,7 +144,8 @@ def sensitivity(
 ) -> Sensitivity:
     """Measure every clusterable matrix's isolated perplexity increase at each K in ``ks``.
 
-    ``src``: a dense Hugging Face causal LM folder (safetensors). ``text``: a UTF-8 file
+    ``src``: a dense Hugging Face causal LM folder (safetensors), or a Hub repository
+    (``hf://org/name[@rev]``). ``text``: a UTF-8 file
     (tokenized with the folder's tokenizer) or token ids, of which the first ``tokens`` are
     scored in windows of ``window``. ``tensors``: a regex limiting the matrices measured;
     ``include``/``exclude`` as for `wcfmt.pack`. ``cache``: the JSON file, or a folder for one
@@ -157,8 +158,10 @@ def sensitivity(
     from .constants import MAX_K
     from .progress import bar
 
+    from .io.sources import resolve_source
+
     t0 = time.perf_counter()
-    src = Path(src)
+    src = resolve_source(src)  # a Hub repository (hf://org/name) is downloaded (cached) first
     if not (src / "config.json").is_file() or not list(src.glob("*.safetensors")):
         raise UsageError(f"{src}: sensitivity needs a dense Hugging Face model folder (config.json, *.safetensors)")
     ks = sorted(set(ks))
@@ -285,7 +288,12 @@ def pack_with_budget(
     for bad in ("k", "bits", "k_overrides", "bits_overrides"):
         if pack_kwargs.get(bad) is not None:
             raise UsageError(f"pack_with_budget chooses K itself; do not pass {bad}")
-    src, dst = Path(src), Path(dst)
+    from .io.sources import HubSource, parse_source, resolve_source
+
+    where = parse_source(src) if isinstance(src, str) else None
+    if pack_kwargs.get("base_model") is None and isinstance(where, HubSource):
+        pack_kwargs["base_model"] = where.repo_id  # as pack names a Hub source in the card
+    src, dst = resolve_source(src, token=pack_kwargs.get("token")), Path(dst)
     check_output(src, dst, force=force, want_dir=True)
     s = sensitivity(src, text, ks=ks, tokens=tokens, window=window, cache=cache, progress=progress,
                     include=pack_kwargs.get("include"), exclude=pack_kwargs.get("exclude"),

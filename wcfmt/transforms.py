@@ -430,13 +430,15 @@ def transform(
     force: bool = False,
     progress: bool = False,
 ) -> TransformReport:
-    """Write ``dst``: ``src`` (a .wclust file or packed folder) with its centroid tables transformed.
+    """Write ``dst``: ``src`` (a .wclust file or packed folder, or a packed Hub repository:
+    ``hf://org/name[@rev]``) with its centroid tables transformed.
 
     ``mode``: one of `MODES`, or a chain applied in order; ``tensors``: a regex (`re.search`)
     choosing the clustered tensors to change (default: all); ``seed`` for the random modes;
     ``a``/``b`` for ``affine``, ``p`` for ``power``, ``scale`` for ``tanh``. The chain is recorded
     in the header's ``settings.extra["transform"]``.
     """
+    from .io.sources import resolve_source
     from .progress import bar
 
     chain = [mode] if isinstance(mode, str) else list(mode)
@@ -447,6 +449,7 @@ def transform(
     for m in chain:  # before any output exists
         if m not in MODES:
             raise UsageError(f"unknown transform mode {m!r}; choose from {', '.join(MODES)}")
+    src = resolve_source(src)  # a Hub repository is downloaded (cached) first
     names = clustered_names(src)
     chosen = [n for n in names if rx is None or rx.search(n)]
     if not chosen:
