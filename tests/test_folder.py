@@ -330,3 +330,29 @@ def test_load_state_dict_file_and_folder(tmp_path: Path) -> None:
         load_state_dict(tmp_path / "b.wclust", dtype="int8")
     with pytest.raises(FileNotFoundError):
         load_state_dict(tmp_path / "missing.wclust")
+
+
+def test_force_swaps_folders_in_one_step_where_the_system_can(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wcfmt.io.folder as folder
+    from wcfmt.io.folder import building_folder, exchange_paths
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "x").write_text("from a")
+    (b / "y").write_text("from b")
+    if not exchange_paths(a, b):
+        pytest.skip("no renameat2(RENAME_EXCHANGE) on this system")
+    assert (a / "y").read_text() == "from b" and (b / "x").read_text() == "from a"
+    with pytest.raises(FileNotFoundError):  # a missing path is an error, not a silent fallback
+        exchange_paths(tmp_path / "nope", a)
+    # --force uses it: the old folder is never missing, so os.replace of a folder is not called
+    dst = tmp_path / "out"
+    with building_folder(dst) as tmp:
+        (tmp / "model.wclust").write_text("1")
+    moves: list[tuple[str, str]] = []
+    real = os.replace
+    monkeypatch.setattr(folder.os, "replace", lambda s, d: (moves.append((str(s), str(d))), real(s, d))[1])
+    with building_folder(dst, force=True) as tmp:
+        (tmp / "model.wclust").write_text("2")
+    assert moves == [] and (dst / "model.wclust").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "out"]  # the old folder is gone

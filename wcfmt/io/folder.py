@@ -223,8 +223,9 @@ def check_output(src: Path, dst: Path, *, force: bool, want_dir: bool) -> None:
 def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``dst``; on success rename it to ``dst``.
 
-    An existing ``dst`` is replaced only with ``force`` (it is moved aside first and removed after
-    the new folder is in place), and only when everything in it is what wcfmt writes: the files
+    An existing ``dst`` is replaced only with ``force`` (swapped with the new folder in one atomic
+    step where Linux's ``renameat2`` allows, else moved aside first; removed once the new folder
+    is in place), and only when everything in it is what wcfmt writes: the files
     of the new output, model shards and indexes, the card and the remote-code shim. A folder that
     also holds other files (a user's notes, another tool's output) is refused with
     `OutputExistsError` naming them, so ``--force`` never deletes a file wcfmt did not write. On
@@ -249,11 +250,14 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
                     f"{dst}: holds files wcfmt did not write ({shown}); --force replaces only wcfmt's own output, "
                     "so move them away or choose another output folder"
                 )
-            old = _fresh_dir(dst, "old-")
-            old.rmdir()
-            os.replace(dst, old)
-            os.replace(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
+            if exchange_paths(tmp, dst):  # one atomic step: dst is the old or the new folder, never missing
+                shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
+            else:  # no renameat2 here: two renames, with a moment in which dst does not exist
+                old = _fresh_dir(dst, "old-")
+                old.rmdir()
+                os.replace(dst, old)
+                os.replace(tmp, dst)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
     except OSError as e:
@@ -262,6 +266,34 @@ def building_folder(dst: str | os.PathLike[str], *, force: bool = False) -> Iter
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def exchange_paths(a: Path, b: Path) -> bool:
+    """Swap the paths ``a`` and ``b`` (two folders) in one atomic step with Linux's
+    ``renameat2(RENAME_EXCHANGE)``, so a reader sees either the old or the new ``b``, never
+    neither. Returns False, having changed nothing, where the system or file system does not
+    offer it (other platforms, old kernels or C libraries, some network file systems)."""
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a C library without renameat2 (glibc < 2.28, musl < 1.2.?)
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
 def _outside(e: OSError, tmp: Path, dst: Path) -> OSError:
