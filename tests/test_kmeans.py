@@ -455,3 +455,20 @@ def test_fp16_rounding_is_ieee_round_to_nearest_even() -> None:
         want = v.astype(np.float16)
     assert np.array_equal(_round_fp16(v), want)
     assert _round_fp16(np.array([1 + 2.0**-11]))[0] == 1.0  # a tie goes to the even neighbour
+
+
+def test_row_importance_is_a_full_importance_repeated_along_rows() -> None:
+    t = torch.randn(64, 48, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    rows = torch.rand(64, 1, generator=torch.Generator().manual_seed(4)) + 0.01
+    for kw in ({"k": 8}, {"bits": 3.0}, {"step": 0.3}):
+        a = cluster_tensor(t, chunk_rows=16, importance=rows, **kw)
+        b = cluster_tensor(t, chunk_rows=16, importance=rows.expand(64, 48), **kw)
+        assert torch.equal(a.labels, b.labels) and all(torch.equal(x, y) for x, y in zip(a.centroids, b.centroids))
+    # with the bit-budget encoder, row chunks that matter more get finer cells, so more of them
+    w = torch.ones(64, 1)
+    w[:16] = 100.0
+    ct = cluster_tensor(t, chunk_rows=16, step=0.3, importance=w)
+    k = [int(c.numel()) for c in ct.centroids]
+    assert k[0] > max(k[1:]), k
+    with pytest.raises(UsageError, match=r"\(64, 1\)"):
+        cluster_tensor(t, 8, 16, importance=torch.rand(64, 2))

@@ -81,21 +81,25 @@ def _default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _importance_array(importance: torch.Tensor | np.ndarray | None, shape: tuple[int, ...]) -> tuple[np.ndarray | None, bool]:
-    """Return (float64 importance, per_column) after checking its shape against the weight's."""
+def _importance_array(importance: torch.Tensor | np.ndarray | None, shape: tuple[int, ...]) -> tuple[np.ndarray | None, str]:
+    """Return (float64 importance, how it spreads: ``"full"``, ``"column"`` or ``"row"``) after
+    checking its shape against the weight's."""
     if importance is None:
-        return None, False
+        return None, "full"
     imp = importance.detach().cpu().to(torch.float64).numpy() if isinstance(importance, torch.Tensor) else np.asarray(importance, dtype=np.float64)
     if tuple(imp.shape) == shape:
-        per_column = False
+        spread = "full"
     elif len(shape) >= 1 and imp.ndim == 1 and imp.shape[0] == shape[-1]:
-        per_column = True
+        spread = "column"
+    elif len(shape) >= 2 and imp.shape == (shape[0],) + (1,) * (len(shape) - 1):
+        spread = "row"
     else:
-        want = f"{shape} or ({shape[-1]},)" if shape else f"{shape}"
+        want = (f"{shape}, ({shape[-1]},) or ({shape[0]}{', 1' * (len(shape) - 1)})" if len(shape) >= 2
+                else f"{shape} or ({shape[-1]},)" if shape else f"{shape}")  # fmt: skip
         raise UsageError(f"importance has shape {tuple(imp.shape)}; need the weight's shape {want}")
     if not np.isfinite(imp).all() or (imp < 0).any():
         raise UsageError("importance must be finite and >= 0")
-    return imp, per_column
+    return imp, spread
 
 
 def _run(threads: int, fn: Callable[[_T], _R], items: list[_T]) -> list[_R]:
@@ -133,9 +137,13 @@ def cluster_tensor(
     - ``t``: an F32/F16/BF16 tensor of any shape; rows are dimension 0 (a 1-D tensor has one
       element per row, a 0-d tensor one row).
     - ``chunk_rows``: rows per chunk; None means one table for the whole tensor.
-    - ``importance``: optional weights ≥ 0 of the squared error, either of ``t``'s shape or one
+    - ``importance``: optional weights ≥ 0 of the squared error, either of ``t``'s shape, one
       per input column (length ``t.shape[-1]``, broadcast over rows, e.g. E[x_j²] from
-      calibration activations). A chunk whose importance is all zero is clustered unweighted.
+      calibration activations), or one per row (shape ``(rows, 1)``, broadcast along each row,
+      e.g. token frequencies for an embedding, `wcfmt.cluster.token_weights`). With
+      ``bits``/``step`` each chunk's cells are ``1/√ω`` as wide, ω its mean importance, so
+      chunks of important rows get more bits. A chunk whose importance is all zero is
+      clustered unweighted.
     - ``method``: with ``k``, ``"exact"`` (default, the optimal clustering) or ``"lloyd"`` (for
       comparisons); with ``bits``/``step``, ``"uniform"`` (default: uniform cells, then
       Lagrangian merges) or ``"dp"`` (the exact ECSQ programme at the same slope, O(M²) per
@@ -187,7 +195,7 @@ def cluster_tensor(
     shape = tuple(t.shape)
     rows, row_size = rows_and_row_size(shape)
     cr = max(1, rows) if chunk_rows is None else chunk_rows
-    imp, per_column = _importance_array(importance, shape)
+    imp, spread = _importance_array(importance, shape)
     values = to_numpy(t).reshape(-1)
     labels = np.empty(values.size, dtype=np.uint8)
     ranges = [] if values.size == 0 else chunk_row_ranges(rows, cr)
@@ -195,8 +203,10 @@ def cluster_tensor(
     def chunk_importance(a: int, b: int) -> np.ndarray | None:
         if imp is None:
             return None
-        if per_column:  # one row's weights, repeated along the chunk by the histogram
+        if spread == "column":  # one row's weights, repeated along the chunk by the histogram
             return np.tile(imp, row_size // imp.size)
+        if spread == "row":  # one weight per row, repeated along the row
+            return np.repeat(imp.reshape(-1)[a:b], row_size)
         return imp.reshape(-1)[a * row_size : b * row_size]
 
     def histogram(i: int) -> ValueHistogram:
