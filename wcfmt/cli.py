@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a budget of its own for token embeddings / LM heads (default: they share --bits' slope)")
     pk.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
                     help="cluster token embeddings and LM heads (default: yes with --bits, no with --k)")
+    pk.add_argument("--embed-importance", choices=("tokens", "uniform"), default=None,
+                    help="weigh clustered embedding rows by their tokens' expected frequency from the folder's "
+                    "tokenizer.json (tokens: rare tokens' rows get coarser cells) or equally (uniform; "
+                    f"default {_DEFAULT_EMBED_IMPORTANCE})")
     pk.add_argument("--calib", metavar="FILE",
                     help="calibration text: run the model on it (transformers) and choose labels by what each "
                     "layer's inputs see (GPTQ-style error feedback onto the encoder's grid)")
@@ -205,6 +209,8 @@ def _cache(args: argparse.Namespace) -> object:
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.convert.DEFAULT_BITS).
 _DEFAULT_BITS = 6.0
+#: The same for wcfmt.convert.EMBED_IMPORTANCE.
+_DEFAULT_EMBED_IMPORTANCE = "uniform"
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.heal.DEFAULTS).
 _HEAL_DEFAULTS = {"steps": 60, "lr": 2e-3, "seq_len": 256, "batch": 4}
@@ -267,7 +273,7 @@ def _run(args: argparse.Namespace) -> int:
 
         pr = pack(
             args.src, args.dst, k=args.k, bits=args.bits, bits_embed=args.bits_embed, embeddings=args.embeddings,
-            calib=args.calib, calib_tokens=args.calib_tokens, chunk_rows=args.chunk_rows, include=args.include,
+            embed_importance=args.embed_importance, calib=args.calib, calib_tokens=args.calib_tokens, chunk_rows=args.chunk_rows, include=args.include,
             exclude=args.exclude, level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
             **_card_args(args),
         )  # fmt: skip

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from .clustered_tensor import ClusteredTensor
@@ -163,6 +164,7 @@ def pack(
     k_overrides: dict[str, int] | None = None,
     bits_overrides: dict[str, float] | None = None,
     embeddings: bool | None = None,
+    embed_importance: str | None = None,
     calib: str | Path | None = None,
     calib_tokens: int | None = None,
     level: int | None = None,
@@ -193,6 +195,13 @@ def pack(
       ``k_overrides`` (regex → K) per tensor.
 
     ``chunk_rows`` gives a codebook per that many rows (default: one per tensor).
+
+    ``embed_importance`` (bits mode, clustered embeddings): ``"tokens"`` weighs each embedding
+    row's squared error by its token's expected frequency, read from the source folder's
+    ``tokenizer.json`` (`wcfmt.cluster.token_weights`: BPE merge rank, Unigram scores), with a
+    table per 256 rows, so rare tokens' rows get coarser cells and frequent ones finer;
+    ``"uniform"`` weighs rows equally. Default: `EMBED_IMPORTANCE`. Without frequencies in the
+    tokenizer (WordPiece, no tokenizer.json) rows are weighted equally.
 
     ``calib``: a text file. The model (a Hugging Face causal LM folder, run with transformers on
     the CPU) reads its first ``calib_tokens`` tokens (default 4096), and every clustered linear
@@ -227,7 +236,7 @@ def pack(
                        repo_id=push_to_hub or dst.name)  # the card names the final folder, not the temporary one
     policy, settings = _policy(
         k, chunk_rows, include, exclude, level, bits=bits, bits_embed=bits_embed, k_overrides=k_overrides,
-        bits_overrides=bits_overrides, embeddings=embeddings,
+        bits_overrides=bits_overrides, embeddings=embeddings, embed_importance=embed_importance,
     )  # fmt: skip
     if calib is not None:
         policy.set_calibration(src, calib, calib_tokens)
@@ -330,14 +339,14 @@ def _worker_ready() -> None:
 
 def cluster_for_storage(
     t: torch.Tensor, k: int | None, chunk_rows: int | None, threads: int | None, *, bits: float | None = None,
-    step: float | None = None,
+    step: float | None = None, importance: Any = None,
 ) -> ClusteredTensor:
     """Cluster with one codebook per ``chunk_rows`` rows (None: per tensor), stored in chunks of at
     most DEFAULT_STORAGE_CHUNK_ROWS rows so that loading decodes in parallel and by row range.
-    One of ``k``, ``bits``, ``step`` (as `wcfmt.cluster_tensor`)."""
+    One of ``k``, ``bits``, ``step`` (as `wcfmt.cluster_tensor`, as is ``importance``)."""
     from .cluster import cluster_tensor
 
-    ct = cluster_tensor(t, k, chunk_rows, bits=bits, step=step, threads=threads)
+    ct = cluster_tensor(t, k, chunk_rows, bits=bits, step=step, threads=threads, importance=importance)
     storage = DEFAULT_STORAGE_CHUNK_ROWS
     if ct.chunk_rows > storage and (len(ct.centroids) == 1 or ct.chunk_rows % storage == 0):
         ct = ct.rechunk(storage)
@@ -345,7 +354,7 @@ def cluster_for_storage(
 
 
 def _cluster_spec(t: torch.Tensor, spec: "_Spec", threads: int | None) -> ClusteredTensor:
-    ct = cluster_for_storage(t, spec.k, spec.chunk_rows, threads, step=spec.step)
+    ct = cluster_for_storage(t, spec.k, spec.chunk_rows, threads, step=spec.step, importance=spec.importance)
     if spec.hessian is not None:
         from .cluster.calibrate import calibrate_clustered
 
@@ -428,6 +437,12 @@ def _check_exists(src: Path) -> None:
 DEFAULT_BITS: float = 6.0
 
 
+#: `pack`'s ``embed_importance`` default: how the rows of a clustered token embedding / LM head
+#: are weighted (``"tokens"``: by their tokens' expected frequency; ``"uniform"``: equally).
+EMBED_IMPORTANCE: str = "uniform"
+EMBED_IMPORTANCE_CHOICES = ("tokens", "uniform")
+
+
 #: With ``calib``: after GPTQ labelling, replace each table by its cells' diag(H)-weighted means
 #: (measured on SmolLM2 with tools/eval_smollm2.py --calib; README "Calibration").
 CALIB_REFIT: bool = True
@@ -442,15 +457,19 @@ class _Spec:
     step: float | None
     chunk_rows: int | None
     hessian: Any = None
+    #: one importance per row (shape (rows, 1)): an embedding's token frequencies
+    importance: Any = None
 
 
 class _Plan:
     """The per-tensor decisions of one pack: the cluster policy plus, in bits mode, the steps of the
     model-wide allocation (`prepare` reads every clustered tensor's histogram first)."""
 
-    def __init__(self, policy: Any, budgets: dict[str, float] | None) -> None:
+    def __init__(self, policy: Any, budgets: dict[str, float] | None, embed_importance: str = "uniform") -> None:
         self.policy = policy
         self.budgets = budgets
+        self.embed_importance = embed_importance
+        self.row_weights: dict[str, Any] = {}  # tensor name -> per-row importance (token frequencies)
         self.steps: dict[str, float] = {}
         self.calib: tuple[Path, Path, int] | None = None
         self.hessians: dict[str, Any] = {}
@@ -503,8 +522,11 @@ class _Plan:
         from .cluster.kmeans import value_histogram
         from .schema import chunk_row_ranges, rows_and_row_size
 
+        from .cluster.token_weights import token_row_weights
+
         rates: dict[str, TensorRate] = {}
         budgets = dict(self.budgets)
+        weighted_how: set[str] = set()
         total = sum(t.nbytes for _, h in headers for t in h.values() if self.policy.clusters(t.name, t.shape, t.dtype))
         with bar(progress, total=total, desc="histograms", unit="B", unit_scale=True) as b:
             for p, h in headers:
@@ -515,10 +537,19 @@ class _Plan:
                         values = to_numpy(source.get_tensor(info.name)).reshape(-1)
                         rows, row_size = rows_and_row_size(tuple(info.shape))
                         cr = self.policy.chunk_rows or max(1, rows)
+                        found = None
+                        if (self.embed_importance == "tokens" and len(info.shape) == 2
+                                and self.policy.group(info.name) == "embed"):  # fmt: skip
+                            found = token_row_weights(p.parent, rows)
+                        if found is not None:  # a table per storage chunk: one step per 256 rows
+                            self.row_weights[info.name] = found[0].reshape(-1, 1)
+                            weighted_how.add(found[1])
+                            cr = DEFAULT_STORAGE_CHUNK_ROWS
                         hists, entry = [], []
                         for a, e in chunk_row_ranges(rows, cr):
+                            imp = None if found is None else np.repeat(found[0][a:e], row_size)
                             try:
-                                hist = value_histogram(values[a * row_size : e * row_size], info.dtype)
+                                hist = value_histogram(values[a * row_size : e * row_size], info.dtype, imp)
                             except (WclustError, ValueError) as err:
                                 raise UsageError(f"{where(p, info.name)}: cannot cluster: {err}") from err
                             hists.append(coarse_histogram(hist))
@@ -542,6 +573,8 @@ class _Plan:
             extra[f"bits{key}"] = f"{alloc.group_bits[g]:g}"
             extra[f"lambda{key}"] = f"{alloc.group_lambda[g]:.6g}"
             extra[f"step{key}"] = f"{alloc.group_step[g]:.6g}"
+        if weighted_how:
+            extra["embed_importance"] = ",".join(sorted(weighted_how))
         return settings.model_copy(update={"extra": extra})
 
     def decide(self, name: str, shape: Sequence[int], dtype: str) -> _Spec | None:
@@ -551,6 +584,9 @@ class _Plan:
         if self.budgets is None:
             k, rows = self.policy.decide(name, shape, dtype)
             return _Spec(k, None, rows, h)
+        w = self.row_weights.get(name)
+        if w is not None:
+            return _Spec(None, self.steps[name], DEFAULT_STORAGE_CHUNK_ROWS, h, w)
         return _Spec(None, self.steps[name], self.policy.chunk_rows, h)
 
 
@@ -558,7 +594,7 @@ def _policy(
     k: int | None, chunk_rows: int | None, include: Sequence[str] | None, exclude: Sequence[str] | None,
     level: int | None, *, bits: float | None = None, bits_embed: float | None = None,
     k_overrides: dict[str, int] | None = None, bits_overrides: dict[str, float] | None = None,
-    embeddings: bool | None = None,
+    embeddings: bool | None = None, embed_importance: str | None = None,
 ) -> tuple[_Plan, PackSettings]:
     from .cluster import ClusterPolicy
 
@@ -580,6 +616,12 @@ def _policy(
         raise UsageError("k_overrides needs the k-means encoder (give k, not bits)")
     if embeddings is None:
         embeddings = bits_mode
+    if embed_importance is not None and embed_importance not in EMBED_IMPORTANCE_CHOICES:
+        raise UsageError(f"embed_importance must be one of {', '.join(EMBED_IMPORTANCE_CHOICES)}, got {embed_importance!r}")
+    if embed_importance is not None and embed_importance != "uniform" and not (bits_mode and embeddings):
+        raise UsageError("embed_importance needs clustered embeddings and the bits encoder")
+    if embed_importance is None:
+        embed_importance = EMBED_IMPORTANCE
     kwargs: dict[str, Any] = {"embeddings": bool(embeddings)}
     if k is not None:
         kwargs["k"] = k
@@ -615,7 +657,7 @@ def _policy(
     settings = PackSettings(
         **{n: v for n, v in fields.items() if v is not None}, method="ecsq" if bits_mode else "exact", extra=extra
     )
-    return _Plan(policy, budgets), settings
+    return _Plan(policy, budgets, embed_importance), settings
 
 
 def _check_source_index(shards: Shards, headers: list[dict[str, TensorInfo]]) -> dict[str, str]:
