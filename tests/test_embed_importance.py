@@ -116,6 +116,9 @@ def test_cli_option_and_default(tmp_path: Path, model: Path) -> None:
     assert cli._DEFAULT_EMBED_IMPORTANCE == convert.EMBED_IMPORTANCE
     assert main(["pack", str(model), "-o", str(tmp_path / "c"), "--bits", "3", "--embed-importance", "tokens", "-q"]) == 0
     assert stored_bits(tmp_path / "c")[1]["embed_importance"] == "bpe-merge-rank"
+    from wcfmt.inspect import format_table, info
+
+    assert "rows weighted by token frequency (bpe-merge-rank)" in format_table(info(tmp_path / "c"))
     with pytest.raises(SystemExit):
         main(["pack", str(model), "-o", str(tmp_path / "d"), "--embed-importance", "zipf"])
     assert np.isfinite(stored_bits(tmp_path / "c")[0])

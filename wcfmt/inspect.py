@@ -265,7 +265,8 @@ def _settings_lines(i: Info) -> list[str]:
             parts.append(f"{who}: {extra[f'bits{group}']} bits/weight (λ {extra.get(f'lambda{group}', '?')}, "
                          f"step {extra.get(f'step{group}', '?')})")
     if extra.get("embeddings") == "clustered":
-        parts.append("embeddings clustered")
+        how = extra.get("embed_importance")
+        parts.append("embeddings clustered" + (f", rows weighted by token frequency ({how})" if how else ""))
     if "calib" in extra:
         parts.append(f"calibrated ({extra['calib']}, {extra.get('calib_tokens', '?')} tokens of "
                      f"{extra.get('calib_text', '?')})")
