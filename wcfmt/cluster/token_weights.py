@@ -19,7 +19,11 @@ The frequencies come from ``tokenizer.json`` (read as JSON, nothing executed), w
   rows are weighted equally, as before.
 
 Rows past the vocabulary (embeddings padded to a multiple of 64 or 128) are never looked up:
-they get the smallest weight. Weights are returned with mean 1.
+they get the smallest weight. Weights are returned with geometric mean 1: at one slope λ a
+chunk's bits move by ½·log2 of its weight, so the embedding as a whole keeps about the bits it
+would have had unweighted, and only their spread over the rows changes. (Normalised to mean 1,
+most rows weigh well under 1 and the embedding as a whole lost bits to the projections: `--bits
+6` gave 1.051x bf16 perplexity against 1.030x unweighted, same file size.)
 
 Measured on SmolLM2-135M (BPE; `tools/eval_smollm2.py`): with projections at 5.5 bits and the
 embedding at 4.0 bits in 256-row tables, held-out perplexity 1.124x bf16 with equal weights and
@@ -30,6 +34,7 @@ under 1,000 and 98.8% under 40,000.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -45,7 +50,7 @@ MAX_TOKENIZER_BYTES = 256 * 1024 * 1024
 
 
 def token_row_weights(folder: str | os.PathLike[str], rows: int) -> tuple[np.ndarray, str] | None:
-    """Per-row importance (float64, mean 1) of a ``rows``-row token embedding of the model in
+    """Per-row importance (float64, geometric mean 1) of a ``rows``-row token embedding of the model in
     ``folder``, and a one-word name of where it came from (``"bpe-merge-rank"`` or
     ``"unigram-score"``); None when the tokenizer gives no frequencies.
 
@@ -82,7 +87,7 @@ def token_row_weights(folder: str | os.PathLike[str], rows: int) -> tuple[np.nda
         how = "unigram-score"
     else:
         return None
-    return w / w.mean(), how
+    return w / math.exp(float(np.log(w).mean())), how
 
 
 def _bpe_ranks(model: dict, rows: int) -> np.ndarray | None:
