@@ -157,6 +157,22 @@ def test_allocate_groups_and_coarse_histograms() -> None:
     assert a.bits["e"] == pytest.approx(6.0, rel=0.01)
 
 
+def test_allocate_weight_gives_finer_cells_and_keeps_the_budget() -> None:
+    g = np.random.default_rng(5)
+    h = value_histogram(g.normal(size=60_000).astype(np.float32), "F32")
+    plain = allocate({"a": TensorRate([h], [16.0], "model"), "b": TensorRate([h], [16.0], "model")}, {"model": 4.0})
+    assert plain.steps["a"] == plain.steps["b"] and plain.bits["a"] == plain.bits["b"]
+    a = allocate({"a": TensorRate([h], [16.0], "model", weight=4.0), "b": TensorRate([h], [16.0], "model")},
+                 {"model": 4.0})
+    # one slope: ω = 4 halves the cells' width (λ = ω·s²·ln2/6), so "a" gets about one more bit than "b"
+    assert a.steps["a"] == pytest.approx(a.steps["b"] / 2, rel=1e-12)
+    assert a.bits["a"] - a.bits["b"] == pytest.approx(1.0, abs=0.15)
+    assert (a.bits["a"] + a.bits["b"]) / 2 == pytest.approx(4.0, rel=0.01)
+    assert a.steps["b"] > plain.steps["b"]  # the bits "a" gains, "b" pays
+    with pytest.raises(UsageError, match="weight"):
+        allocate({"a": TensorRate([h], [16.0], "model", weight=0.0)}, {"model": 4.0})
+
+
 # -- a tied-embedding causal LM folder ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def tied_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -247,8 +247,10 @@ def evaluate_pack(
 
 def jittered(model, src: Path, ids: torch.Tensor, work: Path, kwargs: dict, d: float, **kw) -> Row:
     """`evaluate_pack` at budgets ``bits - d``, ``bits``, ``bits + d``: one row of their means."""
-    rows = [evaluate_pack(model, src, ids, work, {**kwargs, "bits": round(kwargs["bits"] + x, 4)}, **kw)
-            for x in (-d, 0.0, d)]
+    def moved(x: float) -> dict:  # every budget of the row moves by x (bits_embed too)
+        return {**kwargs, **{key: round(kwargs[key] + x, 4) for key in ("bits", "bits_embed") if key in kwargs}}
+
+    rows = [evaluate_pack(model, src, ids, work, moved(x), **kw) for x in (-d, 0.0, d)]
     mean = lambda f: sum(f(r) for r in rows) / len(rows)  # noqa: E731
     ratios = [r.ratio for r in rows]
     return Row(
@@ -373,7 +375,16 @@ def wcfmt_settings(args: argparse.Namespace) -> list[dict]:
         print("this wcfmt's pack has no bits= yet: --bits rows skipped", file=sys.stderr)
     if has_bits:
         # Projections only, like the GGUF rows (the default row clusters the embedding too).
-        out += [{"bits": b, "embeddings": bool(args.bits_embeddings)} for b in args.bits]
+        for b in args.bits:
+            own = args.bits_embed is not None or args.embed_weight is not None or args.embed_importance is not None
+            kw = {"bits": b, "embeddings": bool(args.bits_embeddings or own)}
+            if args.bits_embed is not None:
+                kw["bits_embed"] = args.bits_embed
+            if args.embed_weight is not None:
+                kw["embed_weight"] = args.embed_weight
+            if args.embed_importance is not None:
+                kw["embed_importance"] = args.embed_importance
+            out.append(kw)
     out += [{"k": k} for k in args.k]
     if args.calib is not None:
         if not pack_accepts("calib"):
@@ -403,9 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-default", dest="default", action="store_false", help="skip the row of pack's defaults")
     p.add_argument("--bits-embeddings", action="store_true",
                    help="--bits rows also cluster the token embedding (as pack's default does); default: projections only")
+    p.add_argument("--bits-embed", type=float, metavar="E",
+                   help="--bits rows give the embedding / LM head a budget of its own (pack(bits_embed=E)); implies --bits-embeddings")
     p.add_argument("--jitter", type=float, default=0.0, metavar="D",
                    help="each --bits row is the mean of budgets B-D, B, B+D: perplexity moves by a few percent "
                    "between budgets 0.02 bits apart (which weights round which way), so compare means")
+    p.add_argument("--embed-weight", type=float, metavar="W",
+                   help="--bits rows pass pack(embed_weight=W) (default: pack's); implies --bits-embeddings")
+    p.add_argument("--embed-importance", choices=("tokens", "uniform"),
+                   help="--bits rows pass pack(embed_importance=...) (default: pack's); implies --bits-embeddings")
+    p.add_argument("--alloc-weights", metavar="SCHEME",
+                   help="experimental: data-free importance weights in the bit allocation (tools/alloc_weights.py)")
     p.add_argument("--calib", type=Path, help="calibration text file, passed to pack(calib=...)")
     p.add_argument("--calib-bits", nargs="*", default=["default", "4.0"],
                    help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
@@ -427,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
     ids = shakespeare.eval_ids(tokenizer_for(folder), args.tokens)
     state = load_state(folder)
     base_bytes = folder_bytes(folder, ".safetensors")
+    if args.alloc_weights:
+        import alloc_weights
+
+        omega = alloc_weights.install(args.alloc_weights, state)
+        print(f"alloc weights {args.alloc_weights}: ω {min(omega.values()):.3g}..{max(omega.values()):.3g}", flush=True)
     model = model_from_folder(folder)
     load_weights(model, state)
     base = perplexity(model, ids, args.window)

@@ -15,10 +15,12 @@ Groups with their own budget (``--bits-embed``, per-regex overrides) get their o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..errors import UsageError
 from .ecsq import CELL_ENTRY_BITS, ecsq_cells, equal_slope_scales, rate_bits, slope_of_step, step_for_bits
 from .kmeans import EXACT_MAX_POINTS, ValueHistogram, _grid_cells
 
@@ -28,11 +30,13 @@ __all__ = ["TensorRate", "Allocation", "allocate", "coarse_histogram"]
 @dataclass
 class TensorRate:
     """What allocation needs of one tensor: its codebook chunks' histograms and table-entry bits,
-    and the budget group it belongs to."""
+    the budget group it belongs to, and the weight ω of its squared error in the group's total
+    (its cells at one slope λ are ``1/√ω`` as wide: more bits for ω > 1)."""
 
     hists: list[ValueHistogram]
     entry_bits: list[float]
     group: str
+    weight: float = 1.0
 
     @property
     def elements(self) -> int:
@@ -40,7 +44,8 @@ class TensorRate:
 
     @property
     def scales(self) -> list[float]:
-        return equal_slope_scales(self.hists)
+        w = 1.0 / math.sqrt(self.weight)
+        return [sc * w for sc in equal_slope_scales(self.hists)]
 
     def bits_at(self, step: float) -> float:
         """Modelled stored bits of the whole tensor at common step ``step``."""
@@ -97,7 +102,9 @@ def allocate(tensors: dict[str, TensorRate], budgets: dict[str, float]) -> Alloc
         if not members:
             continue
         hists, entry, scales = [], [], []
-        for t in members.values():
+        for name, t in members.items():
+            if not (t.weight > 0 and math.isfinite(t.weight)):
+                raise UsageError(f"tensor {name!r}: allocation weight must be a positive finite number, got {t.weight!r}")
             hists += t.hists
             entry += t.entry_bits
             scales += t.scales
@@ -106,6 +113,6 @@ def allocate(tensors: dict[str, TensorRate], budgets: dict[str, float]) -> Alloc
         out.group_step[group] = step
         out.group_lambda[group] = slope_of_step(step)
         for name, t in members.items():
-            out.steps[name] = step
+            out.steps[name] = step / math.sqrt(t.weight)
             out.bits[name] = t.bits_at(step) / max(1, t.elements)
     return out
