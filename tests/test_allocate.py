@@ -109,6 +109,8 @@ def test_pack_is_deterministic(tmp_path: Path, three_matrices: Path) -> None:
     "kwargs, match",
     [({"k": 16, "bits": 4.0}, "not both"), ({"k": 16, "bits_embed": 5.0}, "bits_embed"),
      ({"bits": 4.0, "k_overrides": {"q": 8}}, "k_overrides"), ({"bits": 0.0}, "bits"), ({"bits": 17}, "bits"),
+     ({"k": 16, "embed_weight": 4.0}, "embed_weight"), ({"bits": 4.0, "embed_weight": 0.0}, "embed_weight"),
+     ({"bits": 4.0, "embed_weight": float("inf")}, "embed_weight"),
      ({"bits": 4.0, "calib_tokens": 100}, "calib"), ({"bits": 4.0, "calib": "/nonexistent.txt"}, "no such")],
 )
 def test_usage_errors(tmp_path: Path, three_matrices: Path, kwargs: dict, match: str) -> None:
@@ -201,6 +203,35 @@ def test_bits_embed_clusters_the_tied_embedding_once(tmp_path: Path, tied_llama:
     assert "model.embed_tokens.weight" not in stored(tmp_path / "p2")
 
 
+def test_embed_weight_moves_bits_to_the_tied_embedding(tmp_path: Path, tied_llama: Path) -> None:
+    emb = {"model.embed_tokens.weight"}
+    got = {}
+    for w in (1.0, 16.0):
+        out = tmp_path / f"w{w:g}"
+        wcfmt.pack(tied_llama, out, bits=4.0, embed_weight=w)
+        s = stored(out)
+        got[w] = (avg_bits(s, emb), avg_bits(s, set(s) - emb), avg_bits(s))
+        with WclustReader(next(out.glob("*.wclust"))) as r:
+            extra = r.header.settings.extra
+            steps = {n: e.quality["step"] for n, e in r.header.tensors.items() if isinstance(e, ClusteredEntry)}
+        assert extra["embed_weight"] == f"{w:g}"
+        # one slope: the embedding's cells are 1/√w as wide as every projection's
+        proj = {v for n, v in steps.items() if n not in emb}
+        assert len(proj) == 1
+        assert steps["model.embed_tokens.weight"] == pytest.approx(proj.pop() / math.sqrt(w), rel=1e-5)
+    assert got[16.0][0] > got[1.0][0] + 1.0  # the embedding gains bits ...
+    assert got[16.0][1] < got[1.0][1]  # ... the projections pay for them
+    assert got[16.0][2] == pytest.approx(4.0, rel=0.02) and got[1.0][2] == pytest.approx(4.0, rel=0.02)
+    # the default is DEFAULT_EMBED_WEIGHT, the same bytes as giving it
+    wcfmt.pack(tied_llama, tmp_path / "d", bits=4.0)
+    wcfmt.pack(tied_llama, tmp_path / "e", bits=4.0, embed_weight=wcfmt.convert.DEFAULT_EMBED_WEIGHT)
+    assert next((tmp_path / "d").glob("*.wclust")).read_bytes() == next((tmp_path / "e").glob("*.wclust")).read_bytes()
+    # with a budget of its own, the weight plays no part (and is not recorded)
+    wcfmt.pack(tied_llama, tmp_path / "b", bits=4.0, bits_embed=6.0, embed_weight=16.0)
+    with WclustReader(next((tmp_path / "b").glob("*.wclust"))) as r:
+        assert "embed_weight" not in r.header.settings.extra
+
+
 def test_calib_relabels_and_records(tmp_path: Path, tied_llama: Path) -> None:
     text = tmp_path / "calib.txt"
     text.write_text("to be or not to be that is the question the king is dead long live the queen " * 8)
@@ -222,5 +253,6 @@ def test_cli_default_bits_is_the_librarys() -> None:
     from wcfmt import cli, convert
 
     assert cli._DEFAULT_BITS == convert.DEFAULT_BITS
+    assert cli._DEFAULT_EMBED_WEIGHT == convert.DEFAULT_EMBED_WEIGHT
     assert f"default {convert.DEFAULT_BITS:g}" in " ".join(cli.build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
                                                         .choices["pack"].format_help().split())

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exact k-means with at most K centroids per codebook instead of --bits (the paper's setting)")
     pk.add_argument("--bits-embed", type=float, metavar="B",
                     help="a budget of its own for token embeddings / LM heads (default: they share --bits' slope)")
+    pk.add_argument("--embed-weight", type=float, metavar="W",
+                    help="with --bits, count the squared error of token embeddings / LM heads W times in the "
+                    f"one-slope allocation (each x4 is about one more bit for them; default {_DEFAULT_EMBED_WEIGHT:g})")
     pk.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
                     help="cluster token embeddings and LM heads (default: yes with --bits, no with --k)")
     pk.add_argument("--embed-importance", choices=("tokens", "uniform"), default=None,
@@ -209,6 +212,8 @@ def _cache(args: argparse.Namespace) -> object:
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.convert.DEFAULT_BITS).
 _DEFAULT_BITS = 6.0
+#: The same for wcfmt.convert.DEFAULT_EMBED_WEIGHT.
+_DEFAULT_EMBED_WEIGHT = 8.0
 #: The same for wcfmt.convert.EMBED_IMPORTANCE.
 _DEFAULT_EMBED_IMPORTANCE = "uniform"
 
@@ -272,7 +277,8 @@ def _run(args: argparse.Namespace) -> int:
         from .convert import pack
 
         pr = pack(
-            args.src, args.dst, k=args.k, bits=args.bits, bits_embed=args.bits_embed, embeddings=args.embeddings,
+            args.src, args.dst, k=args.k, bits=args.bits, bits_embed=args.bits_embed, embed_weight=args.embed_weight,
+            embeddings=args.embeddings,
             embed_importance=args.embed_importance, calib=args.calib, calib_tokens=args.calib_tokens, chunk_rows=args.chunk_rows, include=args.include,
             exclude=args.exclude, level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
             **_card_args(args),
@@ -345,7 +351,7 @@ def _card_args(args: argparse.Namespace) -> dict[str, object]:
 
 
 #: Library messages name keyword arguments; on the command line they are flags.
-_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(chunk_rows|max_shard_size|k|bits|bits_embed|calib_tokens|calib|level|threads|dtype|seed)"
+_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(chunk_rows|max_shard_size|k|bits|bits_embed|embed_weight|calib_tokens|calib|level|threads|dtype|seed)"
                          r"(?= must\b|=)")
 
 

@@ -59,7 +59,8 @@ from .reader import WclustReader
 from .schema import AliasEntry, PackSettings
 from .writer import WclustWriter
 
-__all__ = ["pack", "unpack", "PackReport", "UnpackReport", "FileReport", "torch_dtype_of", "DEFAULT_BITS"]
+__all__ = ["pack", "unpack", "PackReport", "UnpackReport", "FileReport", "torch_dtype_of", "DEFAULT_BITS",
+           "DEFAULT_EMBED_WEIGHT"]
 
 # Dtype-name parsing lives in dtypes.py; re-exported here (``convert.torch_dtype_of`` is public).
 from .dtypes import _DTYPE_NAMES, CASTABLE, torch_dtype_of  # noqa: E402,F401
@@ -158,6 +159,7 @@ def pack(
     k: int | None = None,
     bits: float | None = None,
     bits_embed: float | None = None,
+    embed_weight: float | None = None,
     chunk_rows: int | None = None,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -189,7 +191,9 @@ def pack(
     - ``bits=B``: entropy-constrained clustering with one slope λ for every clustered tensor,
       so that they spend ``B`` stored bits per weight on average (labels after zstd plus
       tables; wider or heavier-tailed matrices get more, narrow ones fewer).
-      ``bits_embed`` gives embeddings / LM heads a budget (and λ) of their own;
+      ``embed_weight`` (default `DEFAULT_EMBED_WEIGHT`) counts the squared error of embeddings /
+      LM heads that many times in that allocation (each ×4 ≈ one more bit for them, up to the
+      256-value cap); ``bits_embed`` gives them a budget (and λ) of their own instead;
       ``bits_overrides`` (regex → bits, first match wins) gives single tensors theirs.
     - ``k=K``: exact k-means with at most K centroids per codebook (the paper's setting);
       ``k_overrides`` (regex → K) per tensor.
@@ -235,7 +239,8 @@ def pack(
     card = CardOptions(base_model=base_model, quality_note=quality_note, remote_code=remote_code,
                        repo_id=push_to_hub or dst.name)  # the card names the final folder, not the temporary one
     policy, settings = _policy(
-        k, chunk_rows, include, exclude, level, bits=bits, bits_embed=bits_embed, k_overrides=k_overrides,
+        k, chunk_rows, include, exclude, level, bits=bits, bits_embed=bits_embed, embed_weight=embed_weight,
+        k_overrides=k_overrides,
         bits_overrides=bits_overrides, embeddings=embeddings, embed_importance=embed_importance,
     )  # fmt: skip
     if calib is not None:
@@ -433,8 +438,18 @@ def _check_exists(src: Path) -> None:
 #: Chosen from SmolLM2-135M measurements (tools/eval_smollm2.py; README "Quality and size"): at
 #: 6.0 bits 1.030× bf16 perplexity (mean of three nearby budgets, 1.024–1.042) with the files at
 #: 0.375 of bf16, both better than the previous default (K = 64 k-means: 1.040×, 0.417); 5.5 bits
-#: gives 0.343 but 1.053×.
+#: gives 0.343 but 1.053×. With `DEFAULT_EMBED_WEIGHT` (8): 1.018× at 0.374; 5.43 bits 1.050× at 0.339.
 DEFAULT_BITS: float = 6.0
+
+#: In bits mode, how many times the squared error of a clustered token embedding / LM head counts
+#: in the one-slope allocation (its cells ``1/√w`` as wide as the projections'; ×4 ≈ one more
+#: bit, less near the 256-value cap). At equal slope (w = 1) SmolLM2-135M's tied embedding got
+#: 5.0 bits and its projections 5.6, yet the tied head's error lands on the logits directly.
+#: Measured with tools/eval_smollm2.py (mean of three budgets ±0.03; tools/RESULTS-smollm2.md):
+#: w = 8 (embedding ≈ 6.2 bits) at --bits 6: 1.018× bf16 perplexity vs 1.030× at w = 1, files at
+#: 0.374; at --bits 5.43 (0.339): 1.050× vs 1.068×. A budget of its own (5.3 + 6.0, 5.05 + 7.0)
+#: gave the same (1.045×, 1.049×); w = 32 → see the notes.
+DEFAULT_EMBED_WEIGHT: float = 8.0
 
 
 #: `pack`'s ``embed_importance`` default: how the rows of a clustered token embedding / LM head
@@ -464,6 +479,9 @@ class _Spec:
 class _Plan:
     """The per-tensor decisions of one pack: the cluster policy plus, in bits mode, the steps of the
     model-wide allocation (`prepare` reads every clustered tensor's histogram first)."""
+
+    #: allocation weight of the "embed" group's tensors when they share the model's slope
+    embed_weight: float = 1.0
 
     def __init__(self, policy: Any, budgets: dict[str, float] | None, embed_importance: str = "uniform") -> None:
         self.policy = policy
@@ -561,7 +579,8 @@ class _Plan:
                             budgets[group] = own
                         elif group not in budgets:
                             group = "model"
-                        rates[info.name] = TensorRate(hists, entry, group)
+                        weight = self.embed_weight if group == "model" and self.policy.group(info.name) == "embed" else 1.0
+                        rates[info.name] = TensorRate(hists, entry, group, weight)
                         b.update(info.nbytes)
         alloc = allocate(rates, budgets)
         self.steps = alloc.steps
@@ -593,7 +612,7 @@ class _Plan:
 def _policy(
     k: int | None, chunk_rows: int | None, include: Sequence[str] | None, exclude: Sequence[str] | None,
     level: int | None, *, bits: float | None = None, bits_embed: float | None = None,
-    k_overrides: dict[str, int] | None = None, bits_overrides: dict[str, float] | None = None,
+    embed_weight: float | None = None, k_overrides: dict[str, int] | None = None, bits_overrides: dict[str, float] | None = None,
     embeddings: bool | None = None, embed_importance: str | None = None,
 ) -> tuple[_Plan, PackSettings]:
     from .cluster import ClusterPolicy
@@ -609,7 +628,7 @@ def _policy(
         bits = DEFAULT_BITS
     bits_mode = bits is not None
     if not bits_mode:
-        for what, v in (("bits_embed", bits_embed), ("bits_overrides", bits_overrides)):
+        for what, v in (("bits_embed", bits_embed), ("embed_weight", embed_weight), ("bits_overrides", bits_overrides)):
             if v:
                 raise UsageError(f"{what} needs the bits encoder (give bits, not k)")
     elif k_overrides:
@@ -644,9 +663,15 @@ def _policy(
             from .cluster.policy import _check_bits
 
             budgets["embed"] = _check_bits(bits_embed, "bits_embed")
+        if embed_weight is None:
+            embed_weight = DEFAULT_EMBED_WEIGHT
+        elif isinstance(embed_weight, bool) or not isinstance(embed_weight, (int, float)) or not 0 < embed_weight < math.inf:
+            raise UsageError(f"embed_weight must be a positive number, got {embed_weight!r}")
     extra = {"storage_chunk_rows": str(DEFAULT_STORAGE_CHUNK_ROWS)}
     if embeddings:
         extra["embeddings"] = "clustered"
+        if bits_mode and bits_embed is None:
+            extra["embed_weight"] = f"{float(embed_weight):g}"
     fields: dict[str, Any] = {
         "k": policy.k,
         "chunk_rows": policy.chunk_rows,
@@ -657,7 +682,10 @@ def _policy(
     settings = PackSettings(
         **{n: v for n, v in fields.items() if v is not None}, method="ecsq" if bits_mode else "exact", extra=extra
     )
-    return _Plan(policy, budgets, embed_importance), settings
+    plan = _Plan(policy, budgets, embed_importance)
+    if embed_weight is not None:
+        plan.embed_weight = float(embed_weight)
+    return plan, settings
 
 
 def _check_source_index(shards: Shards, headers: list[dict[str, TensorInfo]]) -> dict[str, str]:
