@@ -2,6 +2,7 @@
 
     python tools/self_calib_text.py --model /tmp/wc/smollm2-bf16 -o selfgen.txt
     wcfmt pack /tmp/wc/smollm2-bf16 -o packed --bits 5.43 --calib selfgen.txt
+    wcfmt pack /tmp/wc/smollm2-bf16 -o packed --bits 5.43 --calib self     # the same, in one step
 
 Sequences start from the tokenizer's BOS token and are sampled at temperature 1 (no top-k/top-p)
 with a fixed seed; the texts are joined by blank lines. On SmolLM2-135M-Instruct, 8 × 560 tokens
@@ -23,18 +24,12 @@ import torch
 
 
 def sample_text(folder: Path, sequences: int, tokens: int, seed: int) -> str:
-    """``sequences`` texts of ``tokens`` tokens each, sampled from the causal LM in ``folder``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """``sequences`` texts of ``tokens`` tokens each, sampled from the causal LM in ``folder``
+    (`wcfmt.cluster.calibrate.sample_text`, what ``wcfmt pack --calib self`` runs)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from wcfmt.cluster.calibrate import sample_text as sample
 
-    tok = AutoTokenizer.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    torch.manual_seed(seed)
-    start = torch.full((sequences, 1), bos, dtype=torch.long)
-    with torch.inference_mode():
-        out = model.generate(start, do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=tokens,
-                             min_new_tokens=tokens, pad_token_id=tok.eos_token_id)  # fmt: skip
-    return "\n\n".join(tok.decode(o[1:], skip_special_tokens=True) for o in out)
+    return sample(folder, sequences, tokens, seed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                     f"default {_DEFAULT_EMBED_IMPORTANCE})")
     pk.add_argument("--calib", metavar="FILE",
                     help="calibration text: run the model on it (transformers) and choose labels by what each "
-                    "layer's inputs see (GPTQ-style error feedback onto the encoder's grid)")
+                    "layer's inputs see (GPTQ-style error feedback onto the encoder's grid); 'self': text the "
+                    "model samples itself (a file named self: ./self)")
     pk.add_argument("--calib-tokens", type=int, metavar="N", help="tokens of --calib used (default 4096)")
     pk.add_argument("--chunk-rows", type=int, metavar="N", help="rows per centroid table (default: the policy's)")
     pk.add_argument("--include", action="append", metavar="RE",
