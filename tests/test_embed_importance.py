@@ -122,3 +122,27 @@ def test_cli_option_and_default(tmp_path: Path, model: Path) -> None:
     with pytest.raises(SystemExit):
         main(["pack", str(model), "-o", str(tmp_path / "d"), "--embed-importance", "zipf"])
     assert np.isfinite(stored_bits(tmp_path / "c")[0])
+
+
+def test_embed_weight_is_for_output_heads_only(tmp_path: Path, model: Path) -> None:
+    """--embed-weight (default 8) weighs an LM head or an embedding a causal LM ties to one; an
+    encoder's input embedding (no causal architecture in config.json) keeps weight 1."""
+    import shutil
+
+    from wcfmt.convert import _is_output_head
+
+    steps = {}
+    for name, config in (("encoder", {"architectures": ["BertModel"]}),
+                         ("causal", {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": True}),
+                         ("untied", {"architectures": ["LlamaForCausalLM"], "tie_word_embeddings": False})):  # fmt: skip
+        src = tmp_path / name
+        shutil.copytree(model, src)
+        (src / "config.json").write_text(json.dumps(config))
+        wcfmt.pack(src, tmp_path / f"{name}.out", bits=3.0)
+        with WclustReader(tmp_path / f"{name}.out" / "model.wclust") as r:
+            q = {n: e.quality["step"] for n, e in r.header.tensors.items() if isinstance(e, ClusteredEntry)}
+            steps[name] = (q[EMB] / q["model.layers.0.mlp.up_proj.weight"], r.header.settings.extra.get("embed_weight"))
+    assert steps["encoder"][0] == pytest.approx(1.0) and steps["encoder"][1] is None
+    assert steps["untied"][0] == pytest.approx(1.0) and steps["untied"][1] is None
+    assert steps["causal"][0] == pytest.approx(1 / math.sqrt(8.0), rel=1e-5) and steps["causal"][1] == "8"
+    assert _is_output_head("lm_head.weight", tmp_path / "encoder")  # a head is a head anywhere

@@ -18,7 +18,9 @@ tensor([1., 1., 1., 1.])
 from __future__ import annotations
 
 import errno
+import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -344,6 +346,28 @@ def _worker_ready() -> None:
     return None
 
 
+_HEAD_RE = re.compile(r"(^|\.)(lm_head|embed_out|output)\.weight$")
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _is_output_head(name: str, folder: Path) -> bool:
+    """Whether ``name`` produces logits: an LM head, or a token embedding that a causal LM in
+    ``folder`` ties to its LM head (config.json ``architectures`` and ``tie_word_embeddings``,
+    which transformers defaults to true). `DEFAULT_EMBED_WEIGHT` is for those: an encoder's
+    input embedding (BERT, sentence-transformers) is not an output and keeps weight 1."""
+    if _HEAD_RE.search(name):
+        return True
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    if not isinstance(config, dict):
+        return False
+    archs = config.get("architectures") or []
+    causal = isinstance(archs, list) and any(isinstance(a, str) and a.endswith(_CAUSAL_SUFFIXES) for a in archs)
+    return causal and config.get("tie_word_embeddings", True) is True
+
+
 def cluster_for_storage(
     t: torch.Tensor, k: int | None, chunk_rows: int | None, threads: int | None, *, bits: float | None = None,
     step: float | None = None, importance: Any = None,
@@ -450,7 +474,10 @@ DEFAULT_BITS: float = 6.0
 #: Measured with tools/eval_smollm2.py (mean of three budgets ±0.03; tools/RESULTS-smollm2.md):
 #: w = 8 (embedding ≈ 6.2 bits) at --bits 6: 1.018× bf16 perplexity vs 1.030× at w = 1, files at
 #: 0.374; at --bits 5.43 (0.339): 1.050× vs 1.068×. A budget of its own (5.3 + 6.0, 5.05 + 7.0)
-#: gave the same (1.045×, 1.049×); w = 32 → see the notes.
+#: gave the same (1.045×, 1.049×); w = 32 → see the notes. It applies to output heads only (an
+#: LM head, or an embedding a causal LM ties to it: `_is_output_head`): on all-MiniLM-L6-v2,
+#: whose word embedding is an input only, w = 8 took bits from the projections and lowered the
+#: embedding cosine from 0.9979 / 0.9955 (mean / min) to 0.9938 / 0.9859.
 DEFAULT_EMBED_WEIGHT: float = 8.0
 
 
@@ -554,6 +581,7 @@ class _Plan:
         rates: dict[str, TensorRate] = {}
         budgets = dict(self.budgets)
         weighted_how: set[str] = set()
+        weighted_head = False
         total = sum(t.nbytes for _, h in headers for t in h.values() if self.policy.clusters(t.name, t.shape, t.dtype))
         with bar(progress, total=total, desc="histograms", unit="B", unit_scale=True) as b:
             for p, h in headers:
@@ -588,7 +616,10 @@ class _Plan:
                             budgets[group] = own
                         elif group not in budgets:
                             group = "model"
-                        weight = self.embed_weight if group == "model" and self.policy.group(info.name) == "embed" else 1.0
+                        head = (group == "model" and self.policy.group(info.name) == "embed"
+                                and _is_output_head(info.name, p.parent))  # fmt: skip
+                        weight = self.embed_weight if head else 1.0
+                        weighted_head |= head
                         rates[info.name] = TensorRate(hists, entry, group, weight)
                         b.update(info.nbytes)
         alloc = allocate(rates, budgets)
@@ -603,6 +634,8 @@ class _Plan:
             extra[f"step{key}"] = f"{alloc.group_step[g]:.6g}"
         if weighted_how:
             extra["embed_importance"] = ",".join(sorted(weighted_how))
+        if not weighted_head:
+            extra.pop("embed_weight", None)  # no output head here: every tensor weighed 1
         return settings.model_copy(update={"extra": extra})
 
     def decide(self, name: str, shape: Sequence[int], dtype: str) -> _Spec | None:
