@@ -69,3 +69,21 @@ def test_calib_self_errors(tmp_path: Path, llama: Path) -> None:
     with pytest.raises(UsageError, match="Hugging Face model folder"):
         wcfmt.pack(st, tmp_path / "o.wclust", bits=4.0, calib="self")
     assert not (tmp_path / "o.wclust").exists()
+
+
+def test_calibrated_packs_note_low_weight_sqnr_instead_of_warning(tmp_path: Path, llama: Path) -> None:
+    import warnings
+
+    from wcfmt.inspect import DegenerateQualityWarning, format_table, info
+
+    text = tmp_path / "t.txt"
+    text.write_text("to be or not to be that is the question the king is dead long live the queen " * 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DegenerateQualityWarning)  # a calibrated pack must not warn
+        rep = wcfmt.pack(llama, tmp_path / "cal", bits=2.0, embeddings=False, calib=text, calib_tokens=64)
+    assert rep.degenerate  # still reported, just not as a broken model
+    table = format_table(info(tmp_path / "cal"))
+    assert "note: " in table and "calibrated tensor(s) with weight SQNR below" in table and "\n! " not in table
+    with pytest.warns(DegenerateQualityWarning):  # the same bits without calibration: a warning
+        plain = wcfmt.pack(llama, tmp_path / "plain", bits=2.0, embeddings=False)
+    assert plain.degenerate and "likely broken" in format_table(info(tmp_path / "plain"))

@@ -267,10 +267,11 @@ def pack(
 def _warn_degenerate(report: "PackReport") -> None:
     import warnings
 
-    from .inspect import DEGENERATE_SQNR_DB, DegenerateQualityWarning, degenerate_tensors, info
+    from .inspect import DEGENERATE_SQNR_DB, DegenerateQualityWarning, calibrated, degenerate_tensors, info
 
-    report.degenerate = degenerate_tensors(info(report.dst))
-    if report.degenerate:
+    packed = info(report.dst)
+    report.degenerate = degenerate_tensors(packed)
+    if report.degenerate and not calibrated(packed):  # calibration lowers weight SQNR on purpose
         shown = ", ".join(f"{n} ({s:.1f} dB)" for n, s in report.degenerate[:3])
         more = f" and {len(report.degenerate) - 3} more" if len(report.degenerate) > 3 else ""
         warnings.warn(

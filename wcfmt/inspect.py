@@ -159,6 +159,12 @@ def info(path: str | os.PathLike[str]) -> Info:
 _SHARD_PATTERNS = ["*.wclust", "model.wclust.index.json"]
 
 
+def calibrated(i: Info) -> bool:
+    """Whether the file or folder was packed with calibration (``--calib``): its tensors' recorded
+    SQNR is of the weights, which calibration trades for the layer's output error."""
+    return any("calib" in (f.get("settings") or {}).get("extra", {}) for f in i.files)
+
+
 def degenerate_tensors(i: Info) -> list[tuple[str, float]]:
     """(name, SQNR dB) of every clustered tensor flagged degenerate, in `info`'s order."""
     return [(r.name, float(r.quality["sqnr_db"])) for r in i.rows if r.degenerate and r.quality]
@@ -234,6 +240,9 @@ def format_table(i: Info) -> str:
     warn = (
         [f"! {len(bad)} clustered tensor(s) with SQNR below {DEGENERATE_SQNR_DB:g} dB: nearly constant, the model "
          "is likely broken (pack again with a larger --k or --bits)"]
+        if bad and not calibrated(i) else
+        [f"note: {len(bad)} calibrated tensor(s) with weight SQNR below {DEGENERATE_SQNR_DB:g} dB: calibration moves "
+         "error to where the layer's inputs do not look; judge the model by perplexity"]
         if bad else []
     )  # fmt: skip
     return "\n".join(
