@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import platform
 import pstats
 import time
 
@@ -72,16 +71,9 @@ def best_of(repeat: int, fn) -> tuple[float, float]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, numpy {np.__version__}"
+    from machine_info import cpu_name
+
+    return f"{cpu_name()}, numpy {np.__version__}"
 
 
 HEADER = (f"{'dtype':5} {'call':28} {'chunk_rows':>10} {'setting':>8} {'cpu s':>7} {'wall s':>7} "

@@ -22,23 +22,18 @@ from pathlib import Path
 
 import torch
 
-
-def sample_text(folder: Path, sequences: int, tokens: int, seed: int) -> str:
-    """``sequences`` texts of ``tokens`` tokens each, sampled from the causal LM in ``folder``
-    (`wcfmt.cluster.calibrate.sample_text`, what ``wcfmt pack --calib self`` runs)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from wcfmt.cluster.calibrate import sample_text as sample
-
-    return sample(folder, sequences, tokens, seed)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from wcfmt.cluster.calibrate import SELF_SEED, SELF_SEQUENCES, SELF_TOKENS, sample_text  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=Path, required=True, help="Hugging Face causal LM folder")
     p.add_argument("-o", "--output", type=Path, required=True, help="text file to write")
-    p.add_argument("--sequences", type=int, default=8, help="sequences sampled in one batch (default 8)")
-    p.add_argument("--tokens", type=int, default=560, help="tokens per sequence (default 560)")
-    p.add_argument("--seed", type=int, default=0, help="torch seed (default 0)")
+    p.add_argument("--sequences", type=int, default=SELF_SEQUENCES,
+                   help=f"sequences sampled in one batch (default {SELF_SEQUENCES})")
+    p.add_argument("--tokens", type=int, default=SELF_TOKENS, help=f"tokens per sequence (default {SELF_TOKENS})")
+    p.add_argument("--seed", type=int, default=SELF_SEED, help=f"torch seed (default {SELF_SEED})")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

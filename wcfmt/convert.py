@@ -510,12 +510,12 @@ class _Plan:
     """The per-tensor decisions of one pack: the cluster policy plus, in bits mode, the steps of the
     model-wide allocation (`prepare` reads every clustered tensor's histogram first)."""
 
-    #: allocation weight of the "embed" group's tensors when they share the model's slope
-    embed_weight: float = 1.0
-
-    def __init__(self, policy: Any, budgets: dict[str, float] | None, embed_importance: str = "uniform") -> None:
+    def __init__(self, policy: Any, budgets: dict[str, float] | None, *, embed_weight: float = 1.0,
+                 embed_importance: str = "uniform") -> None:
         self.policy = policy
         self.budgets = budgets
+        #: allocation weight of output heads (`_is_output_head`) that share the model's slope
+        self.embed_weight = embed_weight
         self.embed_importance = embed_importance
         self.row_weights: dict[str, Any] = {}  # tensor name -> per-row importance (token frequencies)
         self.steps: dict[str, float] = {}
@@ -575,9 +575,8 @@ class _Plan:
         from .cluster import table_entry_bits
         from .cluster.allocate import TensorRate, allocate, coarse_histogram
         from .cluster.kmeans import value_histogram
-        from .schema import chunk_row_ranges, rows_and_row_size
-
         from .cluster.token_weights import token_row_weights
+        from .schema import chunk_row_ranges, rows_and_row_size
 
         rates: dict[str, TensorRate] = {}
         budgets = dict(self.budgets)
@@ -635,8 +634,8 @@ class _Plan:
             extra[f"step{key}"] = f"{alloc.group_step[g]:.6g}"
         if weighted_how:
             extra["embed_importance"] = ",".join(sorted(weighted_how))
-        if not weighted_head:
-            extra.pop("embed_weight", None)  # no output head here: every tensor weighed 1
+        if weighted_head:  # only where an output head shares the model's slope
+            extra["embed_weight"] = f"{self.embed_weight:g}"
         return settings.model_copy(update={"extra": extra})
 
     def decide(self, name: str, shape: Sequence[int], dtype: str) -> _Spec | None:
@@ -678,12 +677,12 @@ def _policy(
         raise UsageError("k_overrides needs the k-means encoder (give k, not bits)")
     if embeddings is None:
         embeddings = bits_mode
-    if embed_importance is not None and embed_importance not in EMBED_IMPORTANCE_CHOICES:
-        raise UsageError(f"embed_importance must be one of {', '.join(EMBED_IMPORTANCE_CHOICES)}, got {embed_importance!r}")
-    if embed_importance is not None and embed_importance != "uniform" and not (bits_mode and embeddings):
-        raise UsageError("embed_importance needs clustered embeddings and the bits encoder")
     if embed_importance is None:
         embed_importance = EMBED_IMPORTANCE
+    elif embed_importance not in EMBED_IMPORTANCE_CHOICES:
+        raise UsageError(f"embed_importance must be one of {', '.join(EMBED_IMPORTANCE_CHOICES)}, got {embed_importance!r}")
+    elif embed_importance != "uniform" and not (bits_mode and embeddings):
+        raise UsageError("embed_importance needs clustered embeddings and the bits encoder")
     kwargs: dict[str, Any] = {"embeddings": bool(embeddings)}
     if k is not None:
         kwargs["k"] = k
@@ -713,8 +712,6 @@ def _policy(
     extra = {"storage_chunk_rows": str(DEFAULT_STORAGE_CHUNK_ROWS)}
     if embeddings:
         extra["embeddings"] = "clustered"
-        if bits_mode and bits_embed is None:
-            extra["embed_weight"] = f"{float(embed_weight):g}"
     fields: dict[str, Any] = {
         "k": policy.k,
         "chunk_rows": policy.chunk_rows,
@@ -725,9 +722,7 @@ def _policy(
     settings = PackSettings(
         **{n: v for n, v in fields.items() if v is not None}, method="ecsq" if bits_mode else "exact", extra=extra
     )
-    plan = _Plan(policy, budgets, embed_importance)
-    if embed_weight is not None:
-        plan.embed_weight = float(embed_weight)
+    plan = _Plan(policy, budgets, embed_weight=float(embed_weight or 1.0), embed_importance=embed_importance)
     return plan, settings
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -75,14 +74,9 @@ def perplexity(model, ids: torch.Tensor, window: int = 512, batch: int = 4) -> f
 
 
 def machine() -> str:
-    cpu = platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from machine_info import cpu_name
+
+    cpu = cpu_name()
     load = ""
     try:
         load = f", load average {Path('/proc/loadavg').read_text().split()[0]} at the end (shared machine)"

@@ -25,10 +25,10 @@ would have had unweighted, and only their spread over the rows changes. (Normali
 most rows weigh well under 1 and the embedding as a whole lost bits to the projections: `--bits
 6` gave 1.051x bf16 perplexity against 1.030x unweighted, same file size.)
 
-Measured on SmolLM2-135M (BPE; `tools/eval_smollm2.py`): with projections at 5.5 bits and the
-embedding at 4.0 bits in 256-row tables, held-out perplexity 1.124x bf16 with equal weights and
-1.075x with these; at 5.0 bits, 1.063x and 1.050x. On the held-out text, 59% of tokens have an id
-under 1,000 and 98.8% under 40,000.
+Measured on SmolLM2-135M (BPE): `python tools/eval_smollm2.py --bits 5.5 --bits-embed 4.5
+--embed-importance tokens --jitter 0.03` (the embedding at 4.5 bits, files at 0.330 of bf16)
+gives 1.060x bf16 perplexity on held-out plays against 1.086x with equal row weights (means of
+three budgets). On that text 59% of tokens have an id under 1,000 and 98.8% under 40,000.
 """
 
 from __future__ import annotations
@@ -108,8 +108,8 @@ def _bpe_ranks(model: dict, rows: int) -> np.ndarray | None:
         if len(parts) != 2 or not all(isinstance(p, str) for p in parts):
             return None
         i = vocab.get(parts[0] + parts[1])
-        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows:
-            ranks[i] = min(ranks[i], r) if ranks[i] > 0 else r
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < rows and ranks[i] == 0:
+            ranks[i] = r  # merges come in rank order: the first that makes a token is its rank
     return ranks
 
 
@@ -125,5 +125,5 @@ def _unigram_probs(model: dict, rows: int) -> np.ndarray | None:
     if not np.isfinite(scores).any():
         return None
     p = np.exp(np.clip(scores - np.max(scores[np.isfinite(scores)]), -700, 0))
-    floor = 1.0 / (rows + OFFSET) / (1.0 / OFFSET)  # relative Zipf weight of the last row
+    floor = OFFSET / (rows + OFFSET)  # the Zipf weight of the last row, relative to the first
     return np.maximum(np.where(np.isfinite(scores), p, 0.0), floor)

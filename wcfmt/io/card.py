@@ -230,13 +230,14 @@ def note_edit(folder: str | os.PathLike[str], lines: list[str]) -> bool:
     or healed copy does not present itself as the model that was packed. A ``README.md`` that is
     not a wcfmt card (no ``library_name: wcfmt`` in its front matter) is left alone. Returns
     whether the card was changed."""
+    from huggingface_hub import ModelCard
+
     path = Path(folder) / CARD_NAME
     try:
         text = path.read_text(encoding="utf-8")
-    except (FileNotFoundError, UnicodeDecodeError):
-        return False
-    front = text.split("\n---\n", 1)[0] if text.startswith("---\n") else ""
-    if not re.search(r"^library_name:\s*wcfmt\s*$", front, re.M):
+        if ModelCard(text).data.to_dict().get("library_name") != "wcfmt":
+            return False
+    except (FileNotFoundError, UnicodeDecodeError, ValueError):  # no card, or front matter that does not parse
         return False
     bullets = "".join(f"- {line}\n" for line in lines)
     if EDITS_HEADING in text:
