@@ -237,6 +237,27 @@ def test_collect_hessians_matches_the_models_hidden_states(tiny_llama) -> None:
     assert np.allclose(hs["lm_head.weight"], z.T @ z / 40, rtol=1e-5, atol=1e-7)
 
 
+def test_collect_hessians_without_the_head_skips_logits_and_keeps_the_layers(tiny_llama) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    text = "the quality of mercy is not strained it droppeth as the gentle rain from heaven " * 4
+    layers = lambda n: "layers" in n  # noqa: E731  - no LM head: its logits are skipped
+    hs = collect_hessians(tiny_llama, text, n_tokens=32, window=16, names=layers)
+    assert "lm_head.weight" not in hs and len(hs) == 14
+    # An independent path: the inputs of down_proj and v_proj, captured by hooks of this test
+    ids = torch.tensor(AutoTokenizer.from_pretrained(tiny_llama).encode(text, add_special_tokens=False)[:32])
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    seen: dict[str, list[torch.Tensor]] = {}
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.1.self_attn.v_proj"):
+        mod = model.get_submodule(name)
+        mod.register_forward_pre_hook(lambda m, a, name=name: seen.setdefault(name, []).append(a[0].double()))
+    with torch.no_grad():
+        model(input_ids=ids.reshape(2, 16))
+    for name, xs in seen.items():
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in xs]).numpy()
+        assert np.allclose(hs[f"{name}.weight"], x.T @ x / 32, rtol=1e-5, atol=1e-7), name
+
+
 def test_collect_hessians_filters_and_errors(tiny_llama, tmp_path) -> None:
     text = "the king is dead " * 10
     want = {"model.layers.0.mlp.up_proj.weight"}

@@ -3,6 +3,7 @@
     python tools/eval_smollm2.py                                   # the standard table (~15 min, 2 cores)
     python tools/eval_smollm2.py --bits 4.5 --k --gguf Q4_0        # a subset (an empty list skips a kind)
     python tools/eval_smollm2.py --calib /tmp/calib.txt --calib-bits default 4.0
+    python tools/eval_smollm2.py --calib self --calib-bits 5.43 --bits-embeddings --bits --k --gguf --no-default
     python tools/eval_smollm2.py --results tools/RESULTS-smollm2.md
 
 Every wcfmt row is the real path a user takes: ``wcfmt.pack(bf16 folder, packed folder, ...)``
@@ -345,7 +346,10 @@ def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_to
         "- bits/weight: the projection matrices (wcfmt: every clustered tensor) as stored; file / bf16: "
         "`.wclust` files over `model.safetensors` (GGUF: computed for the projections at GGUF size).",
     ]
-    if calib is not None:
+    if calib is not None and str(calib) == "self":
+        lines.append("- Calibration text (`--calib self`): sampled by the model itself inside each pack "
+                     "(`wcfmt.cluster.calibrate.sample_text`; the pack column includes the sampling).")
+    elif calib is not None:
         lines.append(f"- Calibration text (`--calib`): `{calib}` ({calib.stat().st_size:,} bytes), "
                      f"from {', '.join(shakespeare.CALIBRATION_PLAYS)}: no eval play.")
     lines += ["- Timings: 2 shared cores, other jobs running: noisy.", "", table(rows), ""]
@@ -386,7 +390,7 @@ def wcfmt_settings(args: argparse.Namespace) -> list[dict]:
         else:
             for b in args.calib_bits:
                 kw: dict = {} if b == "default" else (
-                    {"k": int(b[1:])} if b.startswith("k") else {"bits": float(b), "embeddings": False})
+                    {"k": int(b[1:])} if b.startswith("k") else {"bits": float(b), "embeddings": bool(args.bits_embeddings)})
                 if "bits" in kw and not has_bits:
                     continue
                 kw["calib"] = str(args.calib)
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gguf", nargs="*", default=list(DEFAULT_GGUF), help="GGUF types (gguf.GGMLQuantizationType names)")
     p.add_argument("--no-default", dest="default", action="store_false", help="skip the row of pack's defaults")
     p.add_argument("--bits-embeddings", action="store_true",
-                   help="--bits rows also cluster the token embedding (as pack's default does); default: projections only")
+                   help="--bits and --calib-bits rows also cluster the token embedding (as pack's default does); default: projections only")
     p.add_argument("--bits-embed", type=float, metavar="E",
                    help="--bits rows give the embedding / LM head a budget of its own (pack(bits_embed=E)); implies --bits-embeddings")
     p.add_argument("--jitter", type=float, default=0.0, metavar="D",
@@ -419,12 +423,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="--bits rows pass pack(embed_importance=...) (default: pack's); implies --bits-embeddings")
     p.add_argument("--alloc-weights", metavar="SCHEME",
                    help="experimental: data-free importance weights in the bit allocation (tools/alloc_weights.py)")
-    p.add_argument("--calib", type=Path, help="calibration text file, passed to pack(calib=...)")
+    p.add_argument("--calib", type=Path, help="calibration text file, or 'self' (the model samples its own in every pack), passed to pack(calib=...)")
     p.add_argument("--calib-bits", nargs="*", default=["default", "4.0"],
                    help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
     p.add_argument("--results", type=Path, help="write the results markdown here (hand-written notes kept)")
     args = p.parse_args(argv)
-    if args.calib is not None and not args.calib.is_file():
+    if args.calib is not None and str(args.calib) != "self" and not args.calib.is_file():
         p.error(f"--calib {args.calib}: no such file")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
