@@ -247,37 +247,44 @@ def _check_grid(grid: np.ndarray) -> np.ndarray:
     return g
 
 
-def _choose(col: np.ndarray, grid: np.ndarray, mids: np.ndarray, u_ii: float, lam: float, code_bits: np.ndarray | None) -> np.ndarray:
-    """Labels of one column: nearest grid value (ties to the lower, as `assign_labels`), or with
-    an entropy term the cheapest of the nearby ones by ((w − c)/U_ii)² + λ·bits(c)."""
-    near = np.searchsorted(mids, col, side="left")
-    if lam == 0.0 or code_bits is None:
-        return near
-    k = grid.size
-    cand = np.clip(near[:, None] + np.arange(-_WINDOW, _WINDOW + 1)[None, :], 0, k - 1)
-    cost = ((col[:, None] - grid[cand]) / u_ii) ** 2 + lam * code_bits[cand]
-    return cand[np.arange(col.size), np.argmin(cost, axis=1)]  # argmin: the first (lowest) of ties
-
-
 def _gptq(w: np.ndarray, u: np.ndarray, grid: np.ndarray, lam: float, code_bits: np.ndarray | None) -> np.ndarray:
-    w = np.array(w, dtype=np.float64)  # a working copy: columns absorb earlier columns' errors
+    """GPTQ's loop (Algorithm 1, lazy batches of `_BLOCK` columns) on a transposed working copy,
+    so that a column is contiguous. Each column's label: the nearest grid value (ties to the
+    lower, as `assign_labels`), or with an entropy term the cheapest of the `_WINDOW` values on
+    each side by ((w − c)/U_jj)² + λ·bits(c) (the first, lowest, of ties); the grid is padded
+    with infinitely costly copies of its ends instead of clipping indices."""
     rows, cols = w.shape
+    wt = np.array(w.T, dtype=np.float64, order="C")  # columns absorb earlier columns' errors
     mids = (grid[1:] + grid[:-1]) / 2
-    labels = np.empty((rows, cols), dtype=np.int64)
+    entropy = lam != 0.0 and code_bits is not None
+    if entropy:
+        assert code_bits is not None
+        ends = np.full(_WINDOW, np.inf)
+        padded = np.concatenate((np.full(_WINDOW, grid[0]), grid, np.full(_WINDOW, grid[-1])))
+        padded_bits = np.concatenate((ends, code_bits, ends))
+        offsets = np.arange(2 * _WINDOW + 1)
+        every = np.arange(rows)
+    labels = np.empty((cols, rows), dtype=np.int64)
+    err = np.empty((rows, _BLOCK))
     for a in range(0, cols, _BLOCK):
         b = min(a + _BLOCK, cols)
-        blk = w[:, a:b]
-        err = np.empty((rows, b - a))
         for i in range(b - a):
             j = a + i
-            lab = _choose(blk[:, i], grid, mids, u[j, j], lam, code_bits)
-            labels[:, j] = lab
-            e = (blk[:, i] - grid[lab]) / u[j, j]
-            blk[:, i + 1 :] -= np.outer(e, u[j, j + 1 : b])
+            col = wt[j]
+            lab = np.searchsorted(mids, col, side="left")
+            u_jj = u[j, j]
+            if entropy:
+                cand = lab[:, None] + offsets  # indices into the padded grid
+                cost = ((col[:, None] - padded[cand]) / u_jj) ** 2 + lam * padded_bits[cand]
+                lab = cand[every, np.argmin(cost, axis=1)] - _WINDOW
+            labels[j] = lab
+            e = (col - grid[lab]) / u_jj
+            if j + 1 < b:
+                wt[j + 1 : b] -= np.outer(u[j, j + 1 : b], e)
             err[:, i] = e
         if b < cols:
-            w[:, b:] -= err @ u[a:b, b:]
-    return labels.astype(np.uint8)
+            wt[b:] -= (err[:, : b - a] @ u[a:b, b:]).T
+    return labels.T.astype(np.uint8)
 
 
 def gptq_labels(
