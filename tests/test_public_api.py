@@ -21,6 +21,7 @@ PUBLIC = [
     "load_file",
     "safe_open",
     "load_state_dict",
+    "load_model",
     "pack",
     "unpack",
     "cluster_tensor",

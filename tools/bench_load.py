@@ -1,6 +1,6 @@
 """Time to a fully materialised state dict: wcfmt's streaming loader against safetensors (issue #5).
 
-    python tools/bench_load.py [--layers 3] [--k 32] [--device cpu|cuda] [--repeat 3] [--threads N] [--dir DIR] [--cold]
+    python tools/bench_load.py [--layers 3] [--k 32] [--device cpu|cuda] [--repeat 3] [--threads N] [--dir DIR] [--cold] [--into]
 
 Builds a bf16 model of *synthetic* heavy-tailed (Student-t, 4 degrees of freedom) matrices
 shaped like a 7B model's layers (``--layers 3`` is 1.2 GB), clustered at K, and writes it twice:
@@ -17,7 +17,12 @@ also the part above the process's RSS after its imports) and, on CUDA, peak GPU 
 Prints a table with the ratios and the backend used. ``--threads`` sets wcfmt's decode threads
 (default: every CPU this process may use).
 
-``--cold`` adds a second table: before each of those runs both files are flushed
+``--into`` adds a table for loading into a model that exists already (a module with one
+parameter per tensor, allocated and written before the clock starts, as a model built before
+its weights are loaded): `wcfmt.load_model` against ``safetensors.torch.load_model``. The
+parameters' pages are already there, so neither loader pays for fresh memory.
+
+``--cold`` adds a table: before each of those runs both files are flushed
 (``fsync``) and evicted from the page cache (``os.posix_fadvise(..., POSIX_FADV_DONTNEED)``), so
 each loader reads its file from the disk. The table prints the fraction of each file still
 resident just before each run (``mincore``): a platform that ignores the advice shows it there.
@@ -104,10 +109,33 @@ def build(folder: Path, layers: int, k: int, chunk_rows: int, seed: int = 0) -> 
 
 
 # -- one measurement, in a fresh process ----------------------------------------------------------
+def existing_model(path: str, device: str):  # type: ignore[no-untyped-def]
+    """A module with one parameter per tensor of the safetensors file ``path`` (same names,
+    shapes and dtypes), every page written, as a model built before its weights are loaded."""
+    import safetensors
+    import torch
+
+    root = torch.nn.Module()
+    with safetensors.safe_open(path, "pt") as f:
+        for name in f.keys():
+            sl = f.get_slice(name)
+            dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[sl.get_dtype()]
+            *parents, leaf = name.split(".")
+            mod = root
+            for part in parents:
+                if not hasattr(mod, part):
+                    mod.add_module(part, torch.nn.Module())
+                mod = getattr(mod, part)
+            t = torch.empty(sl.get_shape(), dtype=dtype, device=device).fill_(0.5)
+            mod.register_parameter(leaf, torch.nn.Parameter(t, requires_grad=False))
+    return root
+
+
 def child(kind: str, path: str, device: str, threads: int | None) -> None:
     import torch
 
-    if kind == "wcfmt":
+    if kind.startswith("wcfmt"):
+        import wcfmt
         from wcfmt.reader import WclustReader
         from wcfmt.rebuild.stream import load_tensors
     else:
@@ -116,14 +144,23 @@ def child(kind: str, path: str, device: str, threads: int | None) -> None:
     if cuda:
         torch.empty(1, device=device)  # create the context before timing
         torch.cuda.synchronize()
+    model = None
+    if kind.endswith("-into"):  # the safetensors twin of the file names every tensor
+        model = existing_model(str(Path(path).with_suffix(".safetensors")), device)
     before = resource.getrusage(resource.RUSAGE_SELF)
     base = before.ru_maxrss
     t = time.perf_counter()
     if kind == "wcfmt":
         with WclustReader(path) as r:
             sd = load_tensors(r, device=device, threads=threads)
-    else:
+    elif kind == "safetensors":
         sd = {n: v.clone() for n, v in safetensors.torch.load_file(path, device=device).items()}
+    elif kind == "wcfmt-into":
+        wcfmt.load_model(model, path, threads=threads)
+        sd = model.state_dict()
+    else:
+        safetensors.torch.load_model(model, path, device=device)
+        sd = model.state_dict()
     if cuda:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t
@@ -134,7 +171,7 @@ def child(kind: str, path: str, device: str, threads: int | None) -> None:
            "bytes": sum(v.numel() * v.element_size() for v in sd.values())}
     if cuda:
         out["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
-    if kind == "wcfmt":
+    if kind.startswith("wcfmt"):
         from wcfmt.rebuild.backend import default_backend
 
         out["backend"] = default_backend(device)
@@ -224,6 +261,8 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, help="keep the files here (reused if present)")
     ap.add_argument("--no-check", action="store_true", help="skip the bit-exactness check")
     ap.add_argument("--cold", action="store_true", help="also time both loaders with their files evicted from the page cache")
+    ap.add_argument("--into", action="store_true",
+                    help="also time wcfmt.load_model against safetensors.torch.load_model into an existing model")
     ap.add_argument("--child", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -284,6 +323,22 @@ def main() -> None:
           f"{rss_ratio:13.2f}{above_ratio:15.2f}")
     print("(CPU s: user + system seconds of the best run; with other load on the machine, compare these too)")
     print(f"file size: .wclust {wpath.stat().st_size / 1e9:.3f} GB, .safetensors {spath.stat().st_size / 1e9:.3f} GB")
+    if args.into:
+        into: dict[str, list[dict]] = {"wcfmt-into": [], "safetensors-into": []}
+        for _ in range(args.repeat):
+            for kind, path in (("wcfmt-into", wpath), ("safetensors-into", spath)):
+                into[kind].append(measure(kind, path, args))
+        ib = {k: min(v, key=lambda r: r["seconds"]) for k, v in into.items()}
+        im = {k: sorted(r["seconds"] for r in v)[len(v) // 2] for k, v in into.items()}
+        print("\ninto an existing model (its parameters allocated and written before the clock starts; "
+              "files in page cache)")
+        print(f"{'':34}{'best s':>8}{'median s':>10}{'GB/s':>7}{'CPU s':>7}{'above imports GB':>18}")
+        for name, kind in (("wcfmt.load_model", "wcfmt-into"), ("safetensors.torch.load_model", "safetensors-into")):
+            r = ib[kind]
+            print(f"{name:34}{r['seconds']:8.3f}{im[kind]:10.3f}{gb / r['seconds']:7.2f}{r['cpu_seconds']:7.2f}"
+                  f"{r['rss_above_imports_kib'] * 1024 / 1e9:18.2f}")
+        print(f"{'ratio wcfmt / safetensors':34}{ib['wcfmt-into']['seconds'] / ib['safetensors-into']['seconds']:8.2f}"
+              f"{im['wcfmt-into'] / im['safetensors-into']:10.2f}")
     if args.cold:
         cold: dict[str, list[dict]] = {"wcfmt": [], "safetensors": []}
         left: list[float] = []

@@ -13,7 +13,7 @@ from .convert import pack, unpack
 from .edit import rewrite_centroids
 from .heal import heal
 from . import transforms
-from .io.folder import load_state_dict
+from .io.folder import load_model, load_state_dict
 from .io.hub import load_from_hub, push_to_hub
 from .io.transformers_io import from_pretrained
 from .constants import VERSION_MAJOR, VERSION_MINOR
@@ -39,6 +39,7 @@ __all__ = [
     "load_file",
     "safe_open",
     "load_state_dict",
+    "load_model",
     "pack",
     "unpack",
     "cluster_tensor",

@@ -44,6 +44,7 @@ __all__ = [
     "building_folder",
     "check_output",
     "load_state_dict",
+    "load_model",
 ]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -382,20 +383,128 @@ def load_state_dict(
 
     path = resolve_source(path, revision=revision, token=token, allow_patterns=[f"*{SUFFIX}", INDEX_NAME])
     want = torch_dtype_of(dtype) if dtype is not None else None
+    files, shards = _wclust_files(path)
+    out: dict[str, torch.Tensor] = {}
+    found: dict[str, str] = {}
+    for p in files:
+        part = load_file(p, device=device, dtype=want)
+        for name in part:
+            if name in found:
+                raise FormatError(f"{p}: tensor {name!r} is also in {found[name]}")
+            found[name] = p.name
+        out.update(part)
+    if shards is not None:
+        check_weight_map(shards, found)
+    return out
+
+
+def _wclust_files(path: Path) -> tuple[list[Path], Shards | None]:
+    """The .wclust files of a file or a packed folder (and the folder's shards)."""
     if path.is_dir():
         shards = find_wclust_shards(path)
-        out: dict[str, torch.Tensor] = {}
+        return shards.paths, shards
+    if not path.exists():
+        raise FileNotFoundError(2, "No such file or directory", str(path))
+    return [path], None
+
+
+def load_model(
+    model: torch.nn.Module,
+    path: str | os.PathLike[str],
+    strict: bool = True,
+    *,
+    threads: int | None = None,
+    revision: str | None = None,
+    token: str | bool | None = None,
+) -> tuple[list[str], list[str]]:
+    """Load a `.wclust` file, a packed folder or a Hub repository into ``model``'s parameters and
+    persistent buffers, in place, as ``safetensors.torch.load_model`` does for safetensors.
+
+    Returns ``(missing, unexpected)``: the model's state-dict keys the files do not hold (keys
+    tied to a loaded one, such as an LM head sharing the embedding's storage, are not missing)
+    and the files' tensors the model has no key for. With ``strict`` (the default) either list
+    being non-empty is a `UsageError`; a shape that differs from the model's always is. Both
+    are raised before any weight is written.
+
+    Values are decoded straight into each CPU parameter that is contiguous and has the stored
+    dtype (clustered tensors: any floating dtype, rebuilt from converted tables), so loading
+    into an existing model touches no fresh memory and makes no second copy; other parameters
+    (another dtype or device, not contiguous) receive ``copy_`` of the decoded tensor, as
+    ``Module.load_state_dict`` would do. Values equal ``load_state_dict(path)[key].to(param.dtype)``.
+    A decoding error (a checksum, say) can leave some parameters already loaded.
+
+    >>> import tempfile, os, torch, wcfmt
+    >>> m = torch.nn.Linear(3, 2)
+    >>> p = os.path.join(tempfile.mkdtemp(), "m.wclust")
+    >>> wcfmt.save_file({k: torch.ones_like(v) for k, v in m.state_dict().items()}, p)
+    >>> load_model(m, p), m.weight.sum().item()
+    (([], []), 6.0)
+    """
+    from contextlib import ExitStack
+
+    from ..reader import WclustReader
+    from ..rebuild.stream import load_tensors
+    from ..schema import AliasEntry
+    from .sources import resolve_source
+
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"load_model needs a torch.nn.Module, got {type(model).__name__}")
+    path = resolve_source(path, revision=revision, token=token, allow_patterns=[f"*{SUFFIX}", INDEX_NAME])
+    files, shards = _wclust_files(path)
+    state = model.state_dict()
+    meta = [k for k, t in state.items() if t.is_meta]
+    if meta:
+        raise UsageError(f"{type(model).__name__} has tensors on the meta device ({meta[0]}, ...): "
+                         "materialise it first (model.to_empty(device=...)) or use wcfmt.from_pretrained")
+    with ExitStack() as stack:
+        readers = [stack.enter_context(WclustReader(p)) for p in files]
         found: dict[str, str] = {}
-        for p in shards.paths:
-            part = load_file(p, device=device, dtype=want)
-            for name in part:
+        shapes: dict[str, tuple[int, ...]] = {}
+        for p, r in zip(files, readers):
+            tensors = r.header.tensors
+            for name, e in tensors.items():
                 if name in found:
                     raise FormatError(f"{p}: tensor {name!r} is also in {found[name]}")
                 found[name] = p.name
-            out.update(part)
-        check_weight_map(shards, found)
-    elif path.exists():
-        out = load_file(path, device=device, dtype=want)
-    else:
-        raise FileNotFoundError(2, "No such file or directory", str(path))
-    return out
+                target = tensors[e.target] if isinstance(e, AliasEntry) else e
+                shapes[name] = tuple(target.shape)
+        if shards is not None:
+            check_weight_map(shards, found)
+        where = str(path)
+        wrong = [f"{k}: {list(shapes[k])} in the file, {list(state[k].shape)} in the model"
+                 for k in found if k in state and tuple(state[k].shape) != shapes[k]]
+        if wrong:
+            raise UsageError(f"{where}: shapes differ from {type(model).__name__}'s (nothing loaded): "
+                             + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else ""))
+        loaded_storage = {_storage_key(state[k]) for k in found if k in state}
+        missing = sorted(k for k in state if k not in found and _storage_key(state[k]) not in loaded_storage)
+        unexpected = sorted(k for k in found if k not in state)
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)}: " + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)}: "
+                             + ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else ""))
+            raise UsageError(f"{where}: does not match {type(model).__name__} (nothing loaded; strict=False "
+                             f"loads what matches): " + "; ".join(parts))
+        with torch.no_grad():
+            for r in readers:
+                wanted = [n for n in r.header.tensors if n in state]
+                by_device: dict[torch.device, list[str]] = {}
+                for n in wanted:
+                    by_device.setdefault(state[n].device, []).append(n)
+                for dev, names in by_device.items():
+                    into = {n: state[n] for n in names} if dev.type == "cpu" else None
+                    got = load_tensors(r, names, device=dev, threads=threads, into=into)
+                    for n in names:
+                        dest, value = state[n], got[n]
+                        if not (value.data_ptr() == dest.data_ptr() and value.dtype == dest.dtype):
+                            dest.copy_(value)
+                    del got
+    return missing, unexpected
+
+
+def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
+    """Tensors with equal keys are one tensor (tied weights)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))

@@ -49,7 +49,7 @@ import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -85,6 +85,7 @@ def load_tensors(
     dtype: torch.dtype | None = None,
     threads: int | None = None,
     backend: str | None = None,
+    into: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Return the named tensors (all, in header order, if ``names`` is None) dense on ``device``.
 
@@ -94,6 +95,13 @@ def load_tensors(
     ``threads`` (default: the CPUs this process may use) sizes the host decode pool; ``backend``
     (default `backend.default_backend(device)`, overridable with ``$WCFMT_BACKEND``) is
     ``"numpy"`` (CPU only), ``"torch"`` or ``"triton"``.
+
+    ``into`` maps names to existing tensors (a model's parameters) that receive the values in
+    place, when one can: same shape, contiguous, on ``device``, with the stored dtype (lossless)
+    or any floating dtype (clustered, rebuilt from converted tables), on the numpy backend. The
+    tensor returned for such a name is that tensor; for the others a new one, as without
+    ``into``. No fresh memory is touched for them, so no page faults: what `wcfmt.load_model`
+    uses.
 
     >>> import tempfile, os, wcfmt
     >>> from wcfmt.reader import WclustReader
@@ -133,7 +141,8 @@ def load_tensors(
     if check_sizes is not None:  # spec §9.1: blobs must declare the sizes the header implies
         for n in targets:  # before anything is allocated for them
             check_sizes(n, range(len(getattr(tensors[n], "chunks", []))))
-    outs: dict[str, _Output] = {n: _Output.make(n, tensors[n], dev, dtype) for n in targets}
+    dests = {} if into is None or chosen != "numpy" else into
+    outs: dict[str, _Output] = {n: _Output.make(n, tensors[n], dev, dtype, dests.get(n)) for n in targets}
     if chosen == "numpy":
         _run_cpu(reader, outs, nthreads)
     else:
@@ -153,9 +162,13 @@ class _Output:
     tensor: torch.Tensor  # flat; clustered: final dtype; lossless: stored dtype (cast in finish)
     ranges: list[tuple[int, int]]  # element [start, stop) of each chunk
     value_dtype: torch.dtype  # the dtype values are written in
+    in_place: bool = False  # ``tensor`` is a caller's tensor (`load_tensors(into=)`), kept as it is
 
     @staticmethod
-    def make(name: str, e: Any, dev: torch.device, dtype: torch.dtype | None) -> "_Output":
+    def make(
+        name: str, e: Any, dev: torch.device, dtype: torch.dtype | None, dest: torch.Tensor | None = None
+    ) -> "_Output":
+        """``dest``: an existing tensor to fill in place, used when it fits (see `load_tensors`)."""
         if not isinstance(e, (ClusteredEntry, LosslessEntry)):
             raise UsageError(f"tensor {name!r}: codec {getattr(e, 'codec', '?')!r} cannot be loaded")
         rows, row_size = rows_and_row_size(e.shape)
@@ -165,10 +178,14 @@ class _Output:
             value = dtype
         rows_per = [] if rows * row_size == 0 else chunk_row_ranges(rows, e.chunk_rows)
         ranges = [(a * row_size, b * row_size) for a, b in rows_per]
+        if dest is not None and _fits(dest, e, dev, stored):
+            return _Output(name, e, dest.detach().view(-1), ranges, dest.dtype, in_place=True)
         flat = torch.empty(rows * row_size, dtype=value, device=dev)
         return _Output(name, e, flat, ranges, value)
 
     def finish(self, dtype: torch.dtype | None) -> torch.Tensor:
+        if self.in_place:
+            return self.tensor.view(self.entry.shape)
         t = self.tensor.reshape(self.entry.shape)
         if dtype is not None and t.dtype != dtype and t.dtype.is_floating_point:
             t = t.to(dtype)
@@ -203,6 +220,17 @@ class _Output:
                 del cache[next(iter(cache))]
             hit = cache[key] = (table, lut)
         return hit
+
+
+def _fits(dest: torch.Tensor, e: ClusteredEntry | LosslessEntry, dev: torch.device, stored: torch.dtype) -> bool:
+    """Whether values of entry ``e`` can be written straight into ``dest``."""
+    if not isinstance(dest, torch.Tensor) or dest.device != dev or dev.type != "cpu":
+        return False
+    if tuple(dest.shape) != tuple(e.shape) or not dest.is_contiguous():
+        return False
+    if isinstance(e, ClusteredEntry):
+        return dest.dtype.is_floating_point and stored.is_floating_point
+    return dest.dtype == stored
 
 
 @dataclass
