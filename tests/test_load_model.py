@@ -173,3 +173,27 @@ def test_load_tensors_into_fills_the_fitting_tensors_themselves(packed: Path) ->
     for name, same in [("embed.weight", True), ("proj.weight", False), ("proj.bias", True), ("scale", False)]:
         assert (got[name].data_ptr() == dests[name].data_ptr()) is same, name
         assert_bit_equal(got[name], want[name].to(got[name].dtype))
+
+
+def test_tied_model_keeps_the_last_key_as_load_state_dict_does(tmp_path: Path) -> None:
+    # The file holds the embedding and the head as two different tensors; the model ties them.
+    t = {k: (v.decode() if isinstance(v, wcfmt.ClusteredTensor) else v) for k, v in source_tensors().items()}
+    t["head.weight"] = heavy_tailed((64, 32), seed=9)
+    p = tmp_path / "untied.wclust"
+    wcfmt.save_file(t, p)
+    m, ref = Tiny(), Tiny()
+    ref.load_state_dict(wcfmt.load_file(p))  # torch's own order of copies
+    assert wcfmt.load_model(m, p) == ([], [])
+    assert m.head.weight is m.embed.weight
+    assert_bit_equal(m.embed.weight.detach(), ref.embed.weight.detach())
+    assert_bit_equal(m.embed.weight.detach(), t["head.weight"])
+
+
+def test_load_tensors_into_respects_a_requested_dtype(packed: Path) -> None:
+    from wcfmt.reader import WclustReader
+    from wcfmt.rebuild.stream import load_tensors
+
+    dest = torch.empty(64, 32, dtype=torch.bfloat16)
+    with WclustReader(packed) as r:
+        got = load_tensors(r, ["embed.weight"], dtype=torch.float32, into={"embed.weight": dest})
+    assert got["embed.weight"].dtype == torch.float32 and got["embed.weight"].data_ptr() != dest.data_ptr()

@@ -216,7 +216,8 @@ def pack(
     less; in bits mode the label choice also pays the encoder's λ per bit. Embeddings keep their
     plain labels. ``calib="self"``: no text of the user's; the model first writes its own
     (`wcfmt.cluster.calibrate.sample_text`, 8 × 560 tokens sampled with a fixed seed, about a
-    minute for a 135M model on 2 cores); deterministic on one machine, not across machines.
+    minute for a 135M model on 2 cores, as long as the rest of the calibrated pack);
+    deterministic on one machine, not across machines.
 
     A folder gives one ``.wclust`` per source shard (same stem), an index
     ``model.wclust.index.json`` and a copy of every other file (config, tokenizer, …). The

@@ -422,7 +422,9 @@ def load_model(
 
     Returns ``(missing, unexpected)``: the model's state-dict keys the files do not hold (keys
     tied to a loaded one, such as an LM head sharing the embedding's storage, are not missing)
-    and the files' tensors the model has no key for. With ``strict`` (the default) either list
+    and the files' tensors the model has no key for. Where the files hold several keys of one
+    tied tensor, the last of them in the model's state-dict order is the value it keeps, as
+    with ``Module.load_state_dict``. With ``strict`` (the default) either list
     being non-empty is a `UsageError`; a shape that differs from the model's always is. Both
     are raised before any weight is written.
 
@@ -488,9 +490,13 @@ def load_model(
                              + ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else ""))
             raise UsageError(f"{where}: does not match {type(model).__name__} (nothing loaded; strict=False "
                              f"loads what matches): " + "; ".join(parts))
+        # One key per tied tensor is loaded: the last in the model's order, as load_state_dict
+        # would leave it (and no two decodes write one storage at once).
+        last_of = {_storage_key(state[k]): k for k in state if k in found}
+        chosen = set(last_of.values())
         with torch.no_grad():
             for r in readers:
-                wanted = [n for n in r.header.tensors if n in state]
+                wanted = [n for n in r.header.tensors if n in chosen]
                 by_device: dict[torch.device, list[str]] = {}
                 for n in wanted:
                     by_device.setdefault(state[n].device, []).append(n)

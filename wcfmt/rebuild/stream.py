@@ -178,7 +178,7 @@ class _Output:
             value = dtype
         rows_per = [] if rows * row_size == 0 else chunk_row_ranges(rows, e.chunk_rows)
         ranges = [(a * row_size, b * row_size) for a, b in rows_per]
-        if dest is not None and _fits(dest, e, dev, stored):
+        if dest is not None and _fits(dest, e, dev, stored, dtype):
             return _Output(name, e, dest.detach().view(-1), ranges, dest.dtype, in_place=True)
         flat = torch.empty(rows * row_size, dtype=value, device=dev)
         return _Output(name, e, flat, ranges, value)
@@ -222,9 +222,15 @@ class _Output:
         return hit
 
 
-def _fits(dest: torch.Tensor, e: ClusteredEntry | LosslessEntry, dev: torch.device, stored: torch.dtype) -> bool:
-    """Whether values of entry ``e`` can be written straight into ``dest``."""
+def _fits(
+    dest: torch.Tensor, e: ClusteredEntry | LosslessEntry, dev: torch.device, stored: torch.dtype,
+    dtype: torch.dtype | None,
+) -> bool:
+    """Whether values of entry ``e`` (converted to ``dtype``, if given) can be written straight
+    into ``dest``."""
     if not isinstance(dest, torch.Tensor) or dest.device != dev or dev.type != "cpu":
+        return False
+    if dtype is not None and stored.is_floating_point and dest.dtype != dtype:
         return False
     if tuple(dest.shape) != tuple(e.shape) or not dest.is_contiguous():
         return False
