@@ -185,3 +185,18 @@ def test_transform_reads_a_hub_source(tmp_path: Path, hub: FakeHub) -> None:
     assert (kind, kw["repo_id"], kw["revision"]) == ("snapshot_download", "org/packed", "v1")
     with wcfmt.safe_open(repo / "model.wclust") as a, wcfmt.safe_open(tmp_path / "out" / "model.wclust") as b:
         assert torch.equal(b.get_tensor("w"), (a.get_tensor("w").half() * 2).to(a.get_tensor("w").dtype))
+
+
+def test_load_model_reads_a_hub_source(tmp_path: Path, hub: FakeHub) -> None:
+    """load_model, like load_state_dict, takes a repository and downloads only shards and index."""
+    folder, tensors = _packed_folder(tmp_path)
+    wcfmt.push_to_hub(folder, "me/tiny-wclust")
+    model = torch.nn.Module()
+    model.a = torch.nn.Linear(4, 8, bias=False)
+    model.b = torch.nn.Module()
+    model.b.register_parameter("bias", torch.nn.Parameter(torch.zeros(4)))
+    assert wcfmt.load_model(model, "hf://me/tiny-wclust@v2") == ([], [])
+    kind, kw = hub.calls[-1]
+    assert (kind, kw["repo_id"], kw["revision"], kw["allow_patterns"]) == (
+        "snapshot_download", "me/tiny-wclust", "v2", ["*.wclust", INDEX_NAME])
+    assert torch.equal(model.a.weight, tensors["a.weight"]) and torch.equal(model.b.bias, tensors["b.bias"])
