@@ -197,3 +197,19 @@ def test_load_tensors_into_respects_a_requested_dtype(packed: Path) -> None:
     with WclustReader(packed) as r:
         got = load_tensors(r, ["embed.weight"], dtype=torch.float32, into={"embed.weight": dest})
     assert got["embed.weight"].dtype == torch.float32 and got["embed.weight"].data_ptr() != dest.data_ptr()
+
+
+def test_empty_tensors_are_not_tied_to_each_other(tmp_path: Path) -> None:
+    m = torch.nn.Module()
+    m.register_buffer("a", torch.empty(0, 4))
+    m.register_buffer("b", torch.empty(0, 4))
+    p = tmp_path / "e.wclust"
+    wcfmt.save_file({"a": torch.empty(0, 4)}, p)
+    want = safetensors.torch.load_model(m, _as_safetensors({"a": torch.empty(0, 4)}, tmp_path), strict=False)
+    assert wcfmt.load_model(m, p, strict=False) == (["b"], []) == (sorted(want[0]), sorted(want[1]))
+
+
+def _as_safetensors(tensors: dict[str, torch.Tensor], folder: Path) -> Path:
+    p = folder / "same.safetensors"
+    safetensors.torch.save_file(tensors, p)
+    return p

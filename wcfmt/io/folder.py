@@ -512,5 +512,8 @@ def load_model(
 
 
 def _storage_key(t: torch.Tensor) -> tuple[int, int, tuple[int, ...]]:
-    """Tensors with equal keys are one tensor (tied weights)."""
+    """Tensors with equal keys are one tensor (tied weights). Empty tensors hold no storage to
+    share (their data pointers may all be 0): each is its own."""
+    if t.numel() == 0:
+        return (-id(t), 0, tuple(t.shape))
     return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
