@@ -115,11 +115,13 @@ def existing_model(path: str, device: str):  # type: ignore[no-untyped-def]
     import safetensors
     import torch
 
+    from wcfmt.dtypes import torch_dtype
+
     root = torch.nn.Module()
     with safetensors.safe_open(path, "pt") as f:
         for name in f.keys():
             sl = f.get_slice(name)
-            dtype = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[sl.get_dtype()]
+            dtype = torch_dtype(sl.get_dtype())
             *parents, leaf = name.split(".")
             mod = root
             for part in parents:

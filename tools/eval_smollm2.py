@@ -53,6 +53,10 @@ DEFAULT_BITS = (3.5, 4.5, 5.5)
 DEFAULT_K = (32, 64)
 DEFAULT_GGUF = ("Q4_0", "Q5_0", "Q8_0")
 
+#: ``--calib`` value passed on as ``pack(calib="self")`` (wcfmt.cluster.calibrate.SELF_CALIB; kept
+#: here so that the tool still runs against wcfmt versions without it).
+SELF_CALIB = "self"
+
 #: Everything from this line on in the results file is hand-written analysis; rewrites keep it.
 NOTES_MARKER = "<!-- hand-written notes below: eval_smollm2.py keeps everything from this line on -->"
 
@@ -346,7 +350,7 @@ def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_to
         "- bits/weight: the projection matrices (wcfmt: every clustered tensor) as stored; file / bf16: "
         "`.wclust` files over `model.safetensors` (GGUF: computed for the projections at GGUF size).",
     ]
-    if calib is not None and str(calib) == "self":
+    if calib is not None and str(calib) == SELF_CALIB:
         lines.append("- Calibration text (`--calib self`): sampled by the model itself inside each pack "
                      "(`wcfmt.cluster.calibrate.sample_text`; the pack column includes the sampling).")
     elif calib is not None:
@@ -428,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
     p.add_argument("--results", type=Path, help="write the results markdown here (hand-written notes kept)")
     args = p.parse_args(argv)
-    if args.calib is not None and str(args.calib) != "self" and not args.calib.is_file():
+    if args.calib is not None and str(args.calib) != SELF_CALIB and not args.calib.is_file():
         p.error(f"--calib {args.calib}: no such file")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -67,3 +67,12 @@ def where(path: object, tensor: str | None = None, chunk: int | None = None) -> 
     if chunk is not None:
         parts.append(f"chunk {chunk}")
     return ": ".join(parts)
+
+
+def first_few(names: "list[str]", limit: int = 5, sep: str = ", ") -> str:
+    """``names`` joined for an error message: the first ``limit``, then "..." if there are more.
+
+    >>> first_few(["a", "b", "c"], limit=2)
+    'a, b, ...'
+    """
+    return sep.join(names[:limit]) + (f"{sep}..." if len(names) > limit else "")

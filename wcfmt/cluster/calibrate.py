@@ -177,10 +177,12 @@ def collect_hessians(
 
         return hook
 
+    hooked = []
     for mname, module in model.named_modules():
         wname = f"{mname}.weight"
         if isinstance(module, torch.nn.Linear) and keep(wname):
             hooks.append(module.register_forward_pre_hook(hook_for(wname)))
+            hooked.append(module)
     win = max(2, min(window, len(ids)))
     n_windows = max(1, len(ids) // win)
     windows = ids[: n_windows * win].reshape(n_windows, win)
@@ -190,7 +192,7 @@ def collect_hessians(
     # the logits of all but the last position (transformers' ``logits_to_keep``) spare the LM
     # head's product (SmolLM2: a sixth of the forward pass).
     head = model.get_output_embeddings()
-    head_wanted = any(m is head and keep(f"{n}.weight") for n, m in model.named_modules())
+    head_wanted = any(m is head for m in hooked)
     skip_logits = not head_wanted and "logits_to_keep" in inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if skip_logits else {}
     try:

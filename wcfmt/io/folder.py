@@ -20,13 +20,13 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator, Mapping
 
 import torch
 
 from ..constants import INDEX_NAME, SUFFIX
 from ..atomic import new_file_mode, write_text_atomic
-from ..errors import FormatError, OutputExistsError, UsageError
+from ..errors import FormatError, OutputExistsError, UsageError, first_few
 from .safetensors_io import SAFETENSORS_SUFFIX
 
 __all__ = [
@@ -45,6 +45,7 @@ __all__ = [
     "check_output",
     "load_state_dict",
     "load_model",
+    "untied_missing",
 ]
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -388,14 +389,28 @@ def load_state_dict(
     found: dict[str, str] = {}
     for p in files:
         part = load_file(p, device=device, dtype=want)
-        for name in part:
-            if name in found:
-                raise FormatError(f"{p}: tensor {name!r} is also in {found[name]}")
-            found[name] = p.name
+        _record_names(found, p, part)
         out.update(part)
     if shards is not None:
         check_weight_map(shards, found)
     return out
+
+
+def _record_names(found: dict[str, str], shard: Path, names: Iterable[str]) -> None:
+    """Note which shard holds each name; a name in two shards is a `FormatError`."""
+    for name in names:
+        if name in found:
+            raise FormatError(f"{shard}: tensor {name!r} is also in {found[name]}")
+        found[name] = shard.name
+
+
+def untied_missing(state: Mapping[str, torch.Tensor], missing: Iterable[str]) -> list[str]:
+    """The names of ``missing`` (sorted) whose tensor in ``state`` shares no storage with a
+    tensor of ``state`` that is not missing: a tied key (an LM head sharing the embedding's
+    storage) holds the loaded values. Names ``state`` lacks stay missing."""
+    gone = set(missing)
+    loaded = {_storage_key(t) for n, t in state.items() if n not in gone}
+    return sorted(n for n in gone if n not in state or _storage_key(state[n]) not in loaded)
 
 
 def _wclust_files(path: Path) -> tuple[list[Path], Shards | None]:
@@ -464,10 +479,8 @@ def load_model(
         shapes: dict[str, tuple[int, ...]] = {}
         for p, r in zip(files, readers):
             tensors = r.header.tensors
+            _record_names(found, p, tensors)
             for name, e in tensors.items():
-                if name in found:
-                    raise FormatError(f"{p}: tensor {name!r} is also in {found[name]}")
-                found[name] = p.name
                 target = tensors[e.target] if isinstance(e, AliasEntry) else e
                 shapes[name] = tuple(target.shape)
         if shards is not None:
@@ -477,17 +490,15 @@ def load_model(
                  for k in found if k in state and tuple(state[k].shape) != shapes[k]]
         if wrong:
             raise UsageError(f"{where}: shapes differ from {type(model).__name__}'s (nothing loaded): "
-                             + "; ".join(wrong[:5]) + ("; ..." if len(wrong) > 5 else ""))
-        loaded_storage = {_storage_key(state[k]) for k in found if k in state}
-        missing = sorted(k for k in state if k not in found and _storage_key(state[k]) not in loaded_storage)
+                             + first_few(wrong, sep="; "))
+        missing = untied_missing(state, (k for k in state if k not in found))
         unexpected = sorted(k for k in found if k not in state)
         if strict and (missing or unexpected):
             parts = []
             if missing:
-                parts.append(f"missing {len(missing)}: " + ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else ""))
+                parts.append(f"missing {len(missing)}: {first_few(missing)}")
             if unexpected:
-                parts.append(f"unexpected {len(unexpected)}: "
-                             + ", ".join(unexpected[:5]) + (", ..." if len(unexpected) > 5 else ""))
+                parts.append(f"unexpected {len(unexpected)}: {first_few(unexpected)}")
             raise UsageError(f"{where}: does not match {type(model).__name__} (nothing loaded; strict=False "
                              f"loads what matches): " + "; ".join(parts))
         # One key per tied tensor is loaded: the last in the model's order, as load_state_dict

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ..errors import FormatError, UsageError
+from ..errors import FormatError, UsageError, first_few
 
 __all__ = ["from_pretrained", "model_class_for"]
 
@@ -84,7 +84,7 @@ def from_pretrained(
     from transformers import AutoConfig
 
     from ..convert import torch_dtype_of
-    from .folder import load_state_dict
+    from .folder import load_state_dict, untied_missing
     from .sources import resolve_source
 
     folder = resolve_source(path_or_repo_id, revision=revision, token=token, cache_dir=cache_dir)
@@ -105,25 +105,16 @@ def from_pretrained(
             None, config=config, state_dict=state, dtype=want, output_loading_info=True, **model_kwargs
         )
     del state  # the model holds the decoded tensors themselves; no second copy stays alive
-    missing = _untied(model, set(info.get("missing_keys", [])))
+    missing = untied_missing(model.state_dict(keep_vars=True), info.get("missing_keys", []))
     if missing:
-        shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
         raise FormatError(
-            f"{folder}: {cls.__name__} expects {len(missing)} weight(s) the packed folder does not hold: {shown}"
+            f"{folder}: {cls.__name__} expects {len(missing)} weight(s) the packed folder does not hold: "
+            f"{first_few(missing)}"
         )
     if device is not None:
         model.to(device)  # buffers (rotary tables, position ids) are built on the CPU
     model.eval()
     return model
-
-
-def _untied(model: Any, missing: set[str]) -> list[str]:
-    """The missing names that are not tied to a loaded tensor (those hold the loaded values)."""
-    if not missing:
-        return []
-    tensors = model.state_dict(keep_vars=True)
-    loaded = {t.data_ptr() for n, t in tensors.items() if n not in missing}
-    return [n for n in missing if n not in tensors or tensors[n].data_ptr() not in loaded]
 
 
 @contextlib.contextmanager

@@ -228,7 +228,7 @@ def _fits(
 ) -> bool:
     """Whether values of entry ``e`` (converted to ``dtype``, if given) can be written straight
     into ``dest``."""
-    if not isinstance(dest, torch.Tensor) or dest.device != dev or dev.type != "cpu":
+    if not isinstance(dest, torch.Tensor) or dest.device != dev:
         return False
     if dtype is not None and stored.is_floating_point and dest.dtype != dtype:
         return False
