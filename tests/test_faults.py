@@ -4,8 +4,9 @@ readers of one file at once, and a hostile file that describes far more data tha
 Outputs are written under a temporary name beside the destination and renamed into place
 (`wcfmt.atomic`, `wcfmt.io.folder.building_folder`), so whatever happens the destination either
 does not exist or is complete. A process killed by SIGKILL cannot clean up: its temporary file or
-folder (``.NAME.<random>.tmp``, ``.NAME.wcfmt-<random>.tmp``) stays beside the destination, hidden,
-never at the final name; every other fault removes it.
+folder (``.NAME.<pid>@<host>.<random>.tmp``, ``.NAME.wcfmt-<pid>@<host>.<random>.tmp``) stays beside
+the destination, hidden, never at the final name, until the next write to that destination removes
+it; every other fault removes it at once.
 
 Subprocesses cost a torch import each (a few seconds on 2 cores), so the scenarios of one kind
 run side by side in one test.
@@ -142,10 +143,12 @@ def test_kill_9_during_pack_and_unpack_leaves_nothing_at_the_destination(
                 p.wait()
             if p.stderr is not None:
                 p.stderr.close()
-    # the leftovers do not stand in the way of a new run
-    dst = tmp_path / "unpack-file" / "out.safetensors"
-    assert main(["unpack", str(sources["packed_file"]), "-o", str(dst), "-q"]) == 0
-    safetensors.torch.load_file(dst)
+    # the leftovers do not stand in the way of a new run, which removes them (their writer is gone)
+    for name, args in cases.items():
+        dst = Path(args[3])
+        assert main([str(a) for a in args] + ["-q"]) == 0, name
+        assert _leftovers(dst.parent, set()) == [dst.name], name
+    safetensors.torch.load_file(tmp_path / "unpack-file" / "out.safetensors")
 
 
 # -- full disk (RLIMIT_FSIZE) --------------------------------------------------------------------

@@ -3,20 +3,92 @@
 Every file wcfmt writes (.wclust files, safetensors shards, index files) goes through
 `AtomicFile`, so a crash, an error or a full disk never leaves a partial output and never
 replaces a good file with a bad one.
+
+A process killed with SIGKILL (or a machine that loses power) cannot remove its temporary file.
+Temporary names therefore carry their writer, ``<pid>@<host>`` (`owner_tag`), and the next
+write to the same destination removes the temporaries whose writer ran on this host and no
+longer exists (`remove_stale_temps`), as lock-file tools do. Temporaries of a live process,
+of another host (a shared network folder) or of a name that is not ours are never touched;
+where a process cannot be looked up without side effects (Windows) nothing is removed.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["AtomicFile", "new_file_mode", "write_text_atomic", "TMP_SUFFIX"]
+__all__ = ["AtomicFile", "new_file_mode", "write_text_atomic", "TMP_SUFFIX", "owner_tag", "remove_stale_temps"]
 
-#: Temporary files are named ``.<name>.<random>.tmp`` beside their destination.
+#: Temporary files are named ``.<name>.<pid>@<host>.<random>.tmp`` beside their destination
+#: (`wcfmt.io.folder` names its temporary folders ``.<name>.wcfmt-[old-]<pid>@<host>.<random>.tmp``).
 TMP_SUFFIX = ".tmp"
+
+log = logging.getLogger("wcfmt")
+
+#: What follows ``.<name>.`` in a temporary name of ours: the writer's pid and host.
+_OWNED = re.compile(r"^(?:wcfmt-(?:old-)?)?(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "localhost"
+
+
+def owner_tag() -> str:
+    """``<pid>@<host>``: who writes a temporary file, so that a later run can tell a leftover of
+    a killed process from a file another process is still writing."""
+    return f"{os.getpid()}@{_host()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: a lookup, nothing is sent (POSIX only, see remove_stale_temps)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists and belongs to another user
+        return True
+    return True
+
+
+def remove_stale_temps(dest: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files and folders that writers of ``dest`` left beside it when they
+    were killed: those named as ours for ``dest`` whose writer ran on this host and is gone.
+    Returns what was removed (also logged at INFO on the ``wcfmt`` logger). Never raises: a
+    leftover that cannot be removed stays, as it would have without this."""
+    if sys.platform == "win32":  # os.kill(pid, 0) is not a lookup there
+        return []
+    dest = Path(dest)
+    prefix, host, removed = f".{dest.name}.", _host(), []
+    try:
+        entries = list(os.scandir(dest.parent if str(dest.parent) else "."))
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        m = _OWNED.match(entry.name[len(prefix) :])
+        if m is None or m.group(2) != host or _alive(int(m.group(1))):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError:
+            continue
+        log.info("removed %s, left by an interrupted run (process %s)", path, m.group(1))
+        removed.append(path)
+    return removed
 
 
 def new_file_mode() -> int:
@@ -46,8 +118,9 @@ class AtomicFile:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        remove_stale_temps(self.path)
         try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=TMP_SUFFIX, dir=self.path.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.{owner_tag()}.", suffix=TMP_SUFFIX, dir=self.path.parent)
         except OSError as e:  # read-only or full: name the output, not a random temporary name
             raise type(e)(e.errno, e.strerror, str(self.path)) from None
         self.tmp = Path(tmp)

@@ -10,12 +10,14 @@ disk, unsupported dtype, corrupt file) print one line, ``wcfmt: error: <file>: <
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import os
 import re
 import sys
 import warnings
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from . import _version
 from .constants import VERSION_MAJOR, VERSION_MINOR
@@ -371,11 +373,31 @@ def _os_error(e: OSError) -> str:
     return ": ".join(parts + [msg])
 
 
+@contextlib.contextmanager
+def _notes(show: bool) -> Iterator[None]:
+    """The library's INFO log lines (the ``wcfmt`` logger: removed leftovers of a killed run) as
+    ``wcfmt: note: ...`` on stderr, unless ``--quiet``; library calls log them to no one."""
+    if not show:
+        yield
+        return
+    log = logging.getLogger("wcfmt")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{PROG}: note: %(message)s"))
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (0 ok, 1 error, 2 usage)."""
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _notes(not getattr(args, "quiet", False)):
             warnings.simplefilter("always")
             status = _run(args)
         for w in caught:  # the library's warnings (degenerate quality, ...) as one line each

@@ -25,7 +25,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from ..constants import INDEX_NAME, SUFFIX
-from ..atomic import new_file_mode, write_text_atomic
+from ..atomic import new_file_mode, owner_tag, remove_stale_temps, write_text_atomic
 from ..errors import FormatError, OutputExistsError, UsageError, first_few
 from .safetensors_io import SAFETENSORS_SUFFIX
 
@@ -343,8 +343,9 @@ def foreign_files(dst: Path, new: Path) -> list[str]:
 def _fresh_dir(dst: Path, tag: str) -> Path:
     # Not tempfile.mkdtemp: its 0700 mode would become the output folder's; os.mkdir honours the
     # umask, as save_pretrained's os.makedirs does.
+    remove_stale_temps(dst)
     for _ in range(100):
-        p = dst.parent / f".{dst.name}.wcfmt-{tag}{secrets.token_hex(4)}.tmp"
+        p = dst.parent / f".{dst.name}.wcfmt-{tag}{owner_tag()}.{secrets.token_hex(4)}.tmp"
         try:
             p.mkdir()
             return p
