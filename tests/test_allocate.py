@@ -253,6 +253,9 @@ def test_cli_default_bits_is_the_librarys() -> None:
     from wcfmt import cli, convert
 
     assert cli._DEFAULT_BITS == convert.DEFAULT_BITS
+    assert cli._DEFAULT_BITS_CALIBRATED == convert.DEFAULT_BITS_CALIBRATED
     assert cli._DEFAULT_EMBED_WEIGHT == convert.DEFAULT_EMBED_WEIGHT
-    assert f"default {convert.DEFAULT_BITS:g}" in " ".join(cli.build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
-                                                        .choices["pack"].format_help().split())
+    text = " ".join(cli.build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
+                    .choices["pack"].format_help().split())
+    assert f"default {convert.DEFAULT_BITS_CALIBRATED:g} when input columns are weighted" in text
+    assert f"else {convert.DEFAULT_BITS:g})" in text

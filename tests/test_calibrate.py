@@ -14,7 +14,10 @@ import torch
 
 from wcfmt import UsageError
 from wcfmt.cluster import cluster_tensor
-from wcfmt.cluster.calibrate import calibrate_clustered, collect_hessians, gptq_labels, inverse_cholesky
+from wcfmt.cluster.calibrate import (
+    _diagonal, _diagonal_16bit, _gptq, calibrate_clustered, collect_hessians, collect_random_diagonals, column_weights,
+    gptq_labels, inverse_cholesky, random_windows,
+)
 from wcfmt.clustered_tensor import ClusteredTensor
 
 
@@ -210,6 +213,86 @@ def test_calibrate_clustered_errors_name_the_tensor() -> None:
         calibrate_clustered(cluster_tensor(v, k=2), v, np.eye(8))
 
 
+# -- a diagonal H: column weights without the GPTQ loop ------------------------------------------
+def _weighted_problem(seed: int, rows: int = 90, cols: int = 70):  # type: ignore[no-untyped-def]
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(4, size=(rows, cols)) * 0.02
+    grid = np.unique(np.round(rng.standard_t(4, size=40) * 0.03, 4))
+    omega = column_weights(rng.lognormal(0.0, 2.0, size=cols))
+    counts = np.bincount(nearest(w, grid).reshape(-1), minlength=grid.size)
+    code_bits = -np.log2(np.maximum(counts, 1) / counts.sum())
+    return w, grid, omega, code_bits
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-5, 3e-4])
+def test_diagonal_is_the_gptq_loop_with_a_diagonal_factor(lam: float) -> None:
+    for seed in range(3):
+        w, grid, omega, bits = _weighted_problem(seed)
+        got = _diagonal(w, omega, grid, lam, bits if lam else None)
+        loop = _gptq(w, np.diag(1 / np.sqrt(omega)), grid, lam, bits if lam else None)  # U_jj = 1/√ω, nothing fed on
+        assert np.array_equal(got, loop)
+        if lam:  # the entropy term moves labels, more where ω is small
+            moved = got != nearest(w, grid)
+            assert moved.any() and moved[:, omega < 0.5].mean() > moved[:, omega > 2].mean()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_diagonal_by_tables_equals_diagonal(dtype: torch.dtype) -> None:
+    from wcfmt.dtypes import name_of, to_numpy
+
+    w, grid, omega, bits = _weighted_problem(4, rows=200, cols=64)
+    t = torch.tensor(w).to(dtype)
+    patterns = to_numpy(t).view(np.uint16)
+    for lam in (0.0, 2e-4):
+        want = _diagonal(t.double().numpy(), omega, grid, lam, bits)
+        assert np.array_equal(_diagonal_16bit(patterns, name_of(dtype), omega, grid, lam, bits), want)
+
+
+def test_column_weights_are_the_factors_diagonal_rounded() -> None:
+    d = np.array([0.0, 1e-3, 0.5, 1.0, 4.0, 30.0])
+    omega = column_weights(d)
+    exact = 1 / np.diag(inverse_cholesky(np.diag(d))) ** 2  # what the GPTQ loop would weigh
+    assert np.allclose(omega, exact, rtol=0.091)  # a quarter of an octave
+    assert np.allclose(np.log2(omega) * 4, np.round(np.log2(omega) * 4), rtol=0, atol=1e-9)
+    assert omega[0] == pytest.approx(1.01, rel=0.091)  # a column that never fires: 1 + damp
+    with pytest.raises(UsageError, match="3 entries but the weight has 6"):
+        column_weights(d[:3], cols=6)
+    with pytest.raises(UsageError, match="NaN"):
+        column_weights(np.array([1.0, np.nan]))
+
+
+def test_calibrate_clustered_with_a_diagonal_lowers_the_weighted_error() -> None:
+    rng = np.random.default_rng(11)
+    w = torch.tensor(rng.standard_t(4, size=(96, 64)) * 0.02, dtype=torch.bfloat16)
+    d = rng.lognormal(0.0, 2.0, size=64)
+    ct = cluster_tensor(w, bits=4.0).rechunk(32)
+    lam = ct.quality["lambda"]
+    w64, omega = w.double().numpy(), column_weights(d)
+    counts = np.bincount(ct.labels.numpy().reshape(-1), minlength=ct.ks[0])
+    code_bits = -np.log2(np.maximum(counts, 1) / counts.sum())
+
+    def cost(c: ClusteredTensor) -> tuple[float, float]:  # what the labels minimise: ω-weighted error + λ · bits
+        err = float(((w64 - c.decode().double().numpy()) ** 2 * omega).sum())
+        return err, err + lam * float(code_bits[c.labels.numpy()].sum())
+
+    out = calibrate_clustered(ct, w, d, lam=lam, name="m.weight")  # same table: the same code lengths apply
+    assert torch.equal(out.centroids[0], ct.centroids[0])
+    assert cost(out)[1] < cost(ct)[1]  # each label is the cheapest of a window that holds the old one
+    # heavy columns: at most the error nearest rounding gives; light ones: cheaper labels
+    heavy, light = omega > 2, omega < 0.3
+    err_cols = lambda c: ((w64 - c.decode().double().numpy()) ** 2).sum(0)  # noqa: E731
+    assert (err_cols(out)[heavy] <= err_cols(ct)[heavy] + 1e-12).all()
+    assert code_bits[out.labels.numpy()[:, light]].sum() < 0.95 * code_bits[ct.labels.numpy()[:, light]].sum()
+    refit = calibrate_clustered(ct, w, d, lam=lam, refit=True)
+    refit.validate()
+    assert cost(refit)[0] <= cost(out)[0] * 1.001  # ω-weighted means: no worse
+    # equal weights: the labels the encoder chose (the same slope, the same code lengths) mostly stay
+    same = calibrate_clustered(ct, w, np.ones(64), lam=lam)
+    assert (same.labels == ct.labels).float().mean() > 0.95
+    with pytest.raises(UsageError, match=r"m.weight.*need \(64, 64\) or \(64,\)"):
+        calibrate_clustered(ct, w, d[:10], name="m.weight")
+
+
 # -- collect_hessians --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory):
@@ -269,3 +352,31 @@ def test_collect_hessians_filters_and_errors(tiny_llama, tmp_path) -> None:
         collect_hessians(tmp_path, text)
     with pytest.raises(UsageError, match="tokens"):
         collect_hessians(tiny_llama, "king", 16)
+
+
+def test_random_windows_from_the_config(tiny_llama) -> None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(tiny_llama)
+    config.bos_token_id, config.eos_token_id, config.pad_token_id = 3, [4, 5], None
+    ids = random_windows(config, sequences=3, tokens=40, seed=1)
+    assert ids.shape == (3, 40) and (ids[:, 0] == 3).all()
+    assert not torch.isin(ids[:, 1:], torch.tensor([3, 4, 5])).any() and int(ids.max()) < config.vocab_size
+    assert torch.equal(ids, random_windows(config, sequences=3, tokens=40, seed=1))
+    assert not torch.equal(ids, random_windows(config, sequences=3, tokens=40, seed=2))
+
+
+def test_collect_random_diagonals_is_the_diagonal_on_random_tokens(tiny_llama) -> None:
+    from transformers import AutoModelForCausalLM
+
+    d = collect_random_diagonals(tiny_llama, sequences=2, tokens=16, names=lambda n: "layers.1" in n)
+    assert sorted(d) == sorted(f"model.layers.1.{m}.weight" for m in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))  # fmt: skip
+    # q/k/v read layer 1's normed input: E[x²] of it, on the same random ids, by the model's own hidden states
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    ids = random_windows(model.config, sequences=2, tokens=16)
+    with torch.no_grad():
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
+        x = model.model.layers[1].input_layernorm(h).reshape(-1, h.shape[-1]).double()
+    assert np.allclose(d["model.layers.1.self_attn.q_proj.weight"], (x * x).mean(0).numpy(), rtol=1e-5, atol=1e-9)

@@ -134,8 +134,10 @@ def test_pack_records_settings_and_metadata(packed: tuple[Path, PackReport, dict
             assert st is not None and st.k is None  # default: the bit-budget encoder, no K
             assert st.chunk_rows is None  # one codebook per matrix
             assert st.method == "ecsq"
-            assert {k: st.extra[k] for k in ("storage_chunk_rows", "bits", "embeddings")} == {
-                "storage_chunk_rows": "256", "bits": "6", "embeddings": "clustered"}
+            # a causal-LM folder and transformers: columns weighted by random tokens, at their default bits
+            assert {k: st.extra[k] for k in ("storage_chunk_rows", "bits", "embeddings", "calib")} == {
+                "storage_chunk_rows": "256", "bits": "5.43", "embeddings": "clustered", "calib": "diagonal+refit"}
+            assert st.extra["calib_text"] == "random (8x128 tokens, seed 0)"
             assert float(st.extra["lambda"]) > 0 and float(st.extra["step"]) > 0
             codecs |= {e.codec for e in r.header.tensors.values()}
     assert codecs == {"clustered", "lossless"}

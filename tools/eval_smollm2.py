@@ -53,9 +53,11 @@ DEFAULT_BITS = (3.5, 4.5, 5.5)
 DEFAULT_K = (32, 64)
 DEFAULT_GGUF = ("Q4_0", "Q5_0", "Q8_0")
 
-#: ``--calib`` value passed on as ``pack(calib="self")`` (wcfmt.cluster.calibrate.SELF_CALIB; kept
-#: here so that the tool still runs against wcfmt versions without it).
+#: ``--calib`` values passed on as ``pack(calib="self")`` / ``pack(calib="random")``
+#: (wcfmt.cluster.calibrate.SELF_CALIB / RANDOM_CALIB; kept here so that the tool still runs
+#: against wcfmt versions without them).
 SELF_CALIB = "self"
+RANDOM_CALIB = "random"
 
 #: Everything from this line on in the results file is hand-written analysis; rewrites keep it.
 NOTES_MARKER = "<!-- hand-written notes below: eval_smollm2.py keeps everything from this line on -->"
@@ -223,6 +225,14 @@ def describe(kwargs: dict) -> str:
     return " ".join(parts)
 
 
+def pack_settings(shard: Path) -> dict:
+    """The ``settings.extra`` a .wclust header records (empty for files without them)."""
+    from wcfmt.reader import WclustReader
+
+    with WclustReader(shard) as r:
+        return dict(r.header.settings.extra) if r.header.settings is not None else {}
+
+
 def evaluate_pack(
     model, src: Path, ids: torch.Tensor, work: Path, kwargs: dict, *, window: int, base: Perplexity, base_bytes: int,
 ) -> Row:
@@ -241,6 +251,8 @@ def evaluate_pack(
     names = clustered_names(*shards)
     extra = [n for n in names if not PROJECTION.search(n)]
     note = ("also clustered: " + ", ".join(extra)) if extra else ""
+    if "calib" not in kwargs and pack_settings(shards[0]).get("calib", "none") != "none":
+        note = "; ".join(x for x in ("columns weighted by random tokens (automatic)", note) if x)
     row = Row(
         method="wcfmt", setting=describe(kwargs), bits_per_weight=clustered_bits_per_weight(*shards),
         size_ratio=folder_bytes(dst, ".wclust") / base_bytes, ppl=ppl.value, ratio=ppl.value / base.value,
@@ -353,6 +365,9 @@ def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_to
     if calib is not None and str(calib) == SELF_CALIB:
         lines.append("- Calibration text (`--calib self`): sampled by the model itself inside each pack "
                      "(`wcfmt.cluster.calibrate.sample_text`; the pack column includes the sampling).")
+    elif calib is not None and str(calib) == RANDOM_CALIB:
+        lines.append("- Calibration (`--calib random`): no text; each pack runs the model on random tokens and "
+                     "weighs input columns by E[x²] (`wcfmt.cluster.calibrate.collect_random_diagonals`).")
     elif calib is not None:
         lines.append(f"- Calibration text (`--calib`): `{calib}` ({calib.stat().st_size:,} bytes), "
                      f"from {', '.join(shakespeare.CALIBRATION_PLAYS)}: no eval play.")
@@ -372,6 +387,8 @@ def wcfmt_settings(args: argparse.Namespace) -> list[dict]:
     out: list[dict] = []
     if args.default:
         out.append({})
+        if pack_accepts("calib"):  # the default without its automatic column weights
+            out.append({"calib": "none"})
     has_bits = pack_accepts("bits")
     if args.bits and not has_bits:
         print("this wcfmt's pack has no bits= yet: --bits rows skipped", file=sys.stderr)
@@ -427,12 +444,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="--bits rows pass pack(embed_importance=...) (default: pack's); implies --bits-embeddings")
     p.add_argument("--alloc-weights", metavar="SCHEME",
                    help="experimental: data-free importance weights in the bit allocation (tools/alloc_weights.py)")
-    p.add_argument("--calib", type=Path, help="calibration text file, or 'self' (the model samples its own in every pack), passed to pack(calib=...)")
+    p.add_argument("--calib", type=Path, help="calibration text file, 'self' (the model samples its own in every pack) or 'random' "
+                   "(random tokens, column weights only), passed to pack(calib=...)")
     p.add_argument("--calib-bits", nargs="*", default=["default", "4.0"],
                    help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
     p.add_argument("--results", type=Path, help="write the results markdown here (hand-written notes kept)")
     args = p.parse_args(argv)
-    if args.calib is not None and str(args.calib) != SELF_CALIB and not args.calib.is_file():
+    if args.calib is not None and str(args.calib) not in (SELF_CALIB, RANDOM_CALIB) and not args.calib.is_file():
         p.error(f"--calib {args.calib}: no such file")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -51,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     enc = pk.add_mutually_exclusive_group()
     enc.add_argument("--bits", type=float, metavar="B",
                      help="entropy-constrained encoder: B stored bits per clustered weight on average over the "
-                     f"model, one slope for all tensors (the default encoder; default {_DEFAULT_BITS:g})")
+                     f"model, one slope for all tensors (the default encoder; default {_DEFAULT_BITS_CALIBRATED:g} "
+                     f"when input columns are weighted (--calib, automatic for causal LMs), else {_DEFAULT_BITS:g})")
     enc.add_argument("--k", type=int, metavar="K",
                      help="exact k-means with at most K centroids per codebook instead of --bits (the paper's setting)")
     pk.add_argument("--bits-embed", type=float, metavar="B",
@@ -65,10 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="weigh clustered embedding rows by their tokens' expected frequency from the folder's "
                     "tokenizer.json (tokens: rare tokens' rows get coarser cells) or equally (uniform; "
                     f"default {_DEFAULT_EMBED_IMPORTANCE})")
-    pk.add_argument("--calib", metavar="FILE",
-                    help="calibration text: run the model on it (transformers) and choose labels by what each "
-                    "layer's inputs see (GPTQ-style error feedback onto the encoder's grid); 'self': text the "
-                    "model samples itself (a file named self: ./self)")
+    pk.add_argument("--calib", metavar="FILE|random|self|none",
+                    help="calibration: run the model (transformers) and choose labels by what each layer's "
+                    "inputs see. 'random' (the default with --bits for a causal-LM folder when transformers "
+                    "is installed): random tokens, each input column's error weighted by its E[x^2] (seconds); "
+                    "FILE: a text, GPTQ-style error feedback onto the encoder's grid; 'self': the same on text "
+                    "the model samples itself (minutes); 'none': no calibration (a file of one of these names: ./NAME)")
     pk.add_argument("--calib-tokens", type=int, metavar="N", help="tokens of --calib used (default 4096)")
     pk.add_argument("--chunk-rows", type=int, metavar="N", help="rows per centroid table (default: the policy's)")
     pk.add_argument("--include", action="append", metavar="RE",
@@ -215,6 +218,8 @@ def _cache(args: argparse.Namespace) -> object:
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.convert.DEFAULT_BITS).
 _DEFAULT_BITS = 6.0
+#: The same for wcfmt.convert.DEFAULT_BITS_CALIBRATED.
+_DEFAULT_BITS_CALIBRATED = 5.43
 #: The same for wcfmt.convert.DEFAULT_EMBED_WEIGHT.
 _DEFAULT_EMBED_WEIGHT = 8.0
 #: The same for wcfmt.convert.EMBED_IMPORTANCE.

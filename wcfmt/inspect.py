@@ -162,7 +162,7 @@ _SHARD_PATTERNS = ["*.wclust", "model.wclust.index.json"]
 def calibrated(i: Info) -> bool:
     """Whether the file or folder was packed with calibration (``--calib``): its tensors' recorded
     SQNR is of the weights, which calibration trades for the layer's output error."""
-    return any("calib" in (f.get("settings") or {}).get("extra", {}) for f in i.files)
+    return any((f.get("settings") or {}).get("extra", {}).get("calib", "none") != "none" for f in i.files)
 
 
 def degenerate_tensors(i: Info) -> list[tuple[str, float]]:
@@ -276,9 +276,13 @@ def _settings_lines(i: Info) -> list[str]:
     if extra.get("embeddings") == "clustered":
         how = extra.get("embed_importance")
         parts.append("embeddings clustered" + (f", rows weighted by token frequency ({how})" if how else ""))
-    if "calib" in extra:
-        parts.append(f"calibrated ({extra['calib']}, {extra.get('calib_tokens', '?')} tokens of "
-                     f"{extra.get('calib_text', '?')})")
+    if extra.get("calib", "none") != "none":
+        text = extra.get("calib_text", "?")
+        if "calib_tokens" in extra:
+            text = f"{extra['calib_tokens']} tokens of {text}"
+        parts.append(f"calibrated ({extra['calib']}, {text})")
+    elif "calib_skipped" in extra:
+        parts.append(f"not calibrated: {extra['calib_skipped']}")
     return ["packed with: " + "; ".join(parts)]
 
 
