@@ -252,7 +252,8 @@ def test_column_weights_are_the_factors_diagonal_rounded() -> None:
     d = np.array([0.0, 1e-3, 0.5, 1.0, 4.0, 30.0])
     omega = column_weights(d)
     exact = 1 / np.diag(inverse_cholesky(np.diag(d))) ** 2  # what the GPTQ loop would weigh
-    assert np.allclose(omega, exact, rtol=0.091)  # a quarter of an octave
+    assert omega[1] == 0.25 and exact[1] < 0.02  # the floor: a column counts at least a quarter
+    assert np.allclose(omega, np.maximum(exact, 0.25), rtol=0.091)  # a quarter of an octave
     assert np.allclose(np.log2(omega) * 4, np.round(np.log2(omega) * 4), rtol=0, atol=1e-9)
     assert omega[0] == pytest.approx(1.01, rel=0.091)  # a column that never fires: 1 + damp
     with pytest.raises(UsageError, match="3 entries but the weight has 6"):
@@ -282,7 +283,7 @@ def test_calibrate_clustered_with_a_diagonal_lowers_the_weighted_error() -> None
     heavy, light = omega > 2, omega < 0.3
     err_cols = lambda c: ((w64 - c.decode().double().numpy()) ** 2).sum(0)  # noqa: E731
     assert (err_cols(out)[heavy] <= err_cols(ct)[heavy] + 1e-12).all()
-    assert code_bits[out.labels.numpy()[:, light]].sum() < 0.95 * code_bits[ct.labels.numpy()[:, light]].sum()
+    assert code_bits[out.labels.numpy()[:, light]].sum() < code_bits[ct.labels.numpy()[:, light]].sum()
     refit = calibrate_clustered(ct, w, d, lam=lam, refit=True)
     refit.validate()
     assert cost(refit)[0] <= cost(out)[0] * 1.001  # ω-weighted means: no worse

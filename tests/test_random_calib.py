@@ -113,6 +113,8 @@ def test_a_model_that_fails_to_run_is_a_warning_when_automatic_an_error_when_ask
 def test_random_calib_arguments_and_cli(tmp_path: Path, llama: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UsageError, match="calib_tokens does not apply to calib='random'"):
         wcfmt.pack(llama, tmp_path / "x", calib="random", calib_tokens=100)
+    with pytest.raises(UsageError, match="calib_tokens needs calib"):
+        wcfmt.pack(llama, tmp_path / "x", calib_tokens=100)  # not: the automatic random calibration's error
     assert main(["pack", str(llama), "-o", str(tmp_path / "cli-none"), "--calib", "none", "-q"]) == 0
     assert main(["pack", str(llama), "-o", str(tmp_path / "cli-random"), "--calib", "random", "-q"]) == 0
     assert "calib" not in _extra(tmp_path / "cli-none") and _extra(tmp_path / "cli-random")["calib"] == "diagonal+refit"

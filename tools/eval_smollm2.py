@@ -58,6 +58,7 @@ DEFAULT_GGUF = ("Q4_0", "Q5_0", "Q8_0")
 #: against wcfmt versions without them).
 SELF_CALIB = "self"
 RANDOM_CALIB = "random"
+NO_CALIB = "none"  # calibrated rows without calibration: the uncalibrated twin of automatic rows
 
 #: Everything from this line on in the results file is hand-written analysis; rewrites keep it.
 NOTES_MARKER = "<!-- hand-written notes below: eval_smollm2.py keeps everything from this line on -->"
@@ -365,6 +366,9 @@ def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_to
     if calib is not None and str(calib) == SELF_CALIB:
         lines.append("- Calibration text (`--calib self`): sampled by the model itself inside each pack "
                      "(`wcfmt.cluster.calibrate.sample_text`; the pack column includes the sampling).")
+    elif calib is not None and str(calib) == NO_CALIB:
+        lines.append("- `--calib none` rows: packed without calibration (bits-mode packs of this folder are "
+                     "otherwise calibrated on random tokens automatically).")
     elif calib is not None and str(calib) == RANDOM_CALIB:
         lines.append("- Calibration (`--calib random`): no text; each pack runs the model on random tokens and "
                      "weighs input columns by E[x²] (`wcfmt.cluster.calibrate.collect_random_diagonals`).")
@@ -444,13 +448,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="--bits rows pass pack(embed_importance=...) (default: pack's); implies --bits-embeddings")
     p.add_argument("--alloc-weights", metavar="SCHEME",
                    help="experimental: data-free importance weights in the bit allocation (tools/alloc_weights.py)")
-    p.add_argument("--calib", type=Path, help="calibration text file, 'self' (the model samples its own in every pack) or 'random' "
-                   "(random tokens, column weights only), passed to pack(calib=...)")
+    p.add_argument("--calib", type=Path, help="calibration text file, 'self' (the model samples its own in every pack), 'random' "
+                   "(random tokens, column weights only) or 'none' (rows without the automatic "
+                   "calibration), passed to pack(calib=...)")
     p.add_argument("--calib-bits", nargs="*", default=["default", "4.0"],
                    help="calibrated rows: 'default', a bits value, or kK (default: default 4.0)")
     p.add_argument("--results", type=Path, help="write the results markdown here (hand-written notes kept)")
     args = p.parse_args(argv)
-    if args.calib is not None and str(args.calib) not in (SELF_CALIB, RANDOM_CALIB) and not args.calib.is_file():
+    if args.calib is not None and str(args.calib) not in (SELF_CALIB, RANDOM_CALIB, NO_CALIB) and not args.calib.is_file():
         p.error(f"--calib {args.calib}: no such file")
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -190,7 +190,9 @@ def pack(
     the token embedding / LM head too (``embeddings``); ``include`` regexes add tensors to that
     set, ``exclude`` regexes remove them (``exclude=["."]`` clusters nothing).
 
-    Two encoders (give at most one of ``k`` and ``bits``; neither: the default, `DEFAULT_BITS`):
+    Two encoders (give at most one of ``k`` and ``bits``; neither: the bits encoder at
+    `DEFAULT_BITS_CALIBRATED` when the pack is calibrated, explicitly or automatically (below),
+    else at `DEFAULT_BITS`):
 
     - ``bits=B``: entropy-constrained clustering with one slope λ for every clustered tensor,
       so that they spend ``B`` stored bits per weight on average (labels after zstd plus
@@ -210,6 +212,15 @@ def pack(
     table per 256 rows, so rare tokens' rows get coarser cells and frequent ones finer;
     ``"uniform"`` weighs rows equally. Default: `EMBED_IMPORTANCE`. Without frequencies in the
     tokenizer (WordPiece, no tokenizer.json) rows are weighted equally.
+
+    ``calib="random"``: the model (a Hugging Face causal LM folder, transformers, CPU) reads 8 ×
+    128 random token ids once, and each projection's labels are chosen by ω_j (w − c)² +
+    λ·bits(c), ω_j = E[x_j²] of its input column (`wcfmt.cluster.calibrate.column_weights`), its
+    tables refit to ω-weighted means: a few seconds, no text. ``calib=None`` (the default) in
+    bits mode means ``"random"`` wherever it can run (`_calibration_for`: a causal-LM folder,
+    transformers installed, the model within half the free memory in float32), else none;
+    the settings record the choice or why it was not made (``calib_skipped``), and a model that
+    fails to load then is a warning, not an error. ``calib="none"``: no calibration.
 
     ``calib``: a text file. The model (a Hugging Face causal LM folder, run with transformers on
     the CPU) reads its first ``calib_tokens`` tokens (default 4096), and every clustered linear
@@ -245,7 +256,8 @@ def pack(
     _check_exists(src)
     card = CardOptions(base_model=base_model, quality_note=quality_note, remote_code=remote_code,
                        repo_id=push_to_hub or dst.name)  # the card names the final folder, not the temporary one
-    calib, skipped = _calibration_for(src, calib, bits_mode=k is None and not k_overrides)
+    # calib_tokens without calib stays the usage error it was (below), not a reason to calibrate
+    calib, skipped = _calibration_for(src, calib, bits_mode=k is None and not k_overrides and calib_tokens is None)
     if k is None and bits is None and not k_overrides:
         bits = DEFAULT_BITS if calib is None else DEFAULT_BITS_CALIBRATED
     policy, settings = _policy(
@@ -540,7 +552,7 @@ DEFAULT_BITS: float = 6.0
 
 #: The default when the pack weighs input columns by activations (``calib``, including the
 #: automatic ``calib="random"``): SmolLM2-135M at 5.43 bits with column weights from random
-#: tokens: 1.017× bf16 perplexity (mean of three budgets ±0.03, 1.010–1.027) at 0.338 of the
+#: tokens: 1.015× bf16 perplexity (mean of three budgets ±0.03, 1.007–1.025) at 0.339 of the
 #: bf16 file, where without them 5.43 bits gave 1.050× and 1.018× needed 6 bits (0.374).
 DEFAULT_BITS_CALIBRATED: float = 5.43
 

@@ -12,6 +12,9 @@ table rules of `wcfmt.cluster.kmeans.round_centroids`.
   user has none.
 - `collect_hessians`: run a Hugging Face causal LM (transformers, CPU) over a text and return
   H / n_tokens for every ``nn.Linear`` weight.
+- `collect_random_diagonals`: H's diagonal alone (E[x_j²] per input column) from random tokens:
+  no text, one forward pass (``pack(calib="random")``, automatic for causal LMs). With a
+  diagonal H nothing is fed on: `gptq_labels` chooses every label at once (`column_weights`).
 - `gptq_labels`: labels of one matrix onto one ascending grid of rebuilt values.
 - `calibrate_clustered`: a `ClusteredTensor` (from `cluster_tensor`) relabelled the same way.
 
@@ -78,10 +81,10 @@ SELF_SEQUENCES, SELF_TOKENS, SELF_SEED = 8, 560, 0
 #: ``calib`` value meaning "weigh input columns by what random tokens make of them" (no text,
 #: no sampling: one forward pass), and how many: sequences × tokens, ids drawn with this seed.
 RANDOM_CALIB = "random"
+RANDOM_SEQUENCES, RANDOM_TOKENS, RANDOM_SEED = 8, 128, 0
 
 #: ``calib`` value meaning "no calibration" (``pack`` otherwise uses `RANDOM_CALIB` where it can).
 NO_CALIB = "none"
-RANDOM_SEQUENCES, RANDOM_TOKENS, RANDOM_SEED = 8, 128, 0
 
 
 # -- calibration text without a user's text ---------------------------------------------------
@@ -230,7 +233,7 @@ def collect_random_diagonals(
     own scale structure (norm gains, outlier channels), which random tokens excite as text
     does: on SmolLM2-135M the log of these diagonals correlates with the ones from sampled text
     at 0.86 (median over layers), and weighting columns by them took ``--bits 5.43`` from 1.050×
-    to 1.017× bf16 perplexity, as the text's own diagonals did (tools/RESULTS-smollm2.md)."""
+    to 1.015× bf16 perplexity, as the text's own diagonals did (1.017×; tools/RESULTS-smollm2.md)."""
     _, model = _load_model(Path(model_folder), "calib='random'", tokenizer=False)
     windows = random_windows(model.config, sequences, tokens, seed)
     return _second_moments(model, windows, _keep(names), batch=sequences, progress=progress, diagonal=True)
@@ -329,6 +332,15 @@ def _check_grid(grid: np.ndarray) -> np.ndarray:
     return g
 
 
+def _padded(grid: np.ndarray, code_bits: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """The grid and its code lengths with `_WINDOW` infinitely costly copies of each end, so that
+    the candidates nearest ± `_WINDOW` of any label are valid indices (never chosen past an end)."""
+    assert code_bits is not None
+    ends = np.full(_WINDOW, np.inf)
+    padded = np.concatenate((np.full(_WINDOW, grid[0]), grid, np.full(_WINDOW, grid[-1])))
+    return padded, np.concatenate((ends, code_bits, ends))
+
+
 def _gptq(w: np.ndarray, u: np.ndarray, grid: np.ndarray, lam: float, code_bits: np.ndarray | None) -> np.ndarray:
     """GPTQ's loop (Algorithm 1, lazy batches of `_BLOCK` columns) on a transposed working copy,
     so that a column is contiguous. Each column's label: the nearest grid value (ties to the
@@ -340,10 +352,7 @@ def _gptq(w: np.ndarray, u: np.ndarray, grid: np.ndarray, lam: float, code_bits:
     mids = (grid[1:] + grid[:-1]) / 2
     entropy = lam != 0.0 and code_bits is not None
     if entropy:
-        assert code_bits is not None
-        ends = np.full(_WINDOW, np.inf)
-        padded = np.concatenate((np.full(_WINDOW, grid[0]), grid, np.full(_WINDOW, grid[-1])))
-        padded_bits = np.concatenate((ends, code_bits, ends))
+        padded, padded_bits = _padded(grid, code_bits)
         offsets = np.arange(2 * _WINDOW + 1)
         every = np.arange(rows)
     labels = np.empty((cols, rows), dtype=np.int64)
@@ -423,10 +432,17 @@ def gptq_labels(
 _OMEGA_STEPS = 4
 
 
+#: No column weighs less than this (ω is relative to the matrix's mean). Random tokens can
+#: under-rate a column that text relies on, and at coarse grids the entropy term then moves its
+#: weights far: SmolLM2 at `--bits 3.5` gave 1.444× bf16 with weights unbounded below, 1.370×
+#: without weights, 1.327× with this floor; at 5.43 bits 1.015× either way (means of ±0.03).
+_OMEGA_FLOOR = 0.25
+
+
 def column_weights(d: np.ndarray, damp: float = DEFAULT_DAMP, cols: int | None = None) -> np.ndarray:
     """ω_j of a diagonal H = diag(d): what `inverse_cholesky` makes of it, 1/U_jj², i.e. d_j over
-    the mean of the positive d, plus ``damp`` (an input that never fires: 1 + damp), rounded to
-    1/`_OMEGA_STEPS` of an octave."""
+    the mean of the positive d, plus ``damp`` (an input that never fires: 1 + damp), at least
+    `_OMEGA_FLOOR`, rounded to 1/`_OMEGA_STEPS` of an octave."""
     d = np.array(d, dtype=np.float64).reshape(-1)
     if cols is not None and d.size != cols:
         raise UsageError(f"H's diagonal has {d.size} entries but the weight has {cols} columns")
@@ -436,7 +452,7 @@ def column_weights(d: np.ndarray, damp: float = DEFAULT_DAMP, cols: int | None =
         raise UsageError(f"damp must be > 0, got {damp!r}")
     dead = d <= 0
     scale = float(d[~dead].mean()) if (~dead).any() else 1.0
-    omega = np.where(dead, 1.0, d / scale) + damp
+    omega = np.maximum(np.where(dead, 1.0, d / scale) + damp, _OMEGA_FLOOR)
     return np.exp2(np.round(np.log2(omega) * _OMEGA_STEPS) / _OMEGA_STEPS)
 
 
@@ -453,10 +469,7 @@ def _diagonal(w: np.ndarray, omega: np.ndarray, grid: np.ndarray, lam: float, co
     out = np.empty((rows, cols), dtype=np.uint8)
     entropy = lam != 0.0 and code_bits is not None
     if entropy:
-        assert code_bits is not None
-        ends = np.full(_WINDOW, np.inf)
-        padded = np.concatenate((np.full(_WINDOW, grid[0]), grid, np.full(_WINDOW, grid[-1])))
-        padded_bits = np.concatenate((ends, code_bits, ends))
+        padded, padded_bits = _padded(grid, code_bits)
         offsets = np.arange(2 * _WINDOW + 1).reshape((-1,) + (1,) * w.ndim)
     step = max(1, _DIAG_BLOCK // max(1, cols))
     per_row = np.ndim(omega) == 2  # one ω per row, shape (rows, 1): `_diagonal_16bit`'s tables
