@@ -627,7 +627,7 @@ class _Plan:
                 raise UsageError(f"calib {text}: no such text file ('self': text sampled from the model; "
                                  f"'random': random tokens)")
         if text == RANDOM_CALIB and tokens is not None:
-            raise UsageError(f"calib_tokens does not apply to calib='random' (it reads a fixed sample of random tokens)")
+            raise UsageError("calib_tokens does not apply to calib='random' (it reads a fixed sample of random tokens)")
         if tokens is None:
             tokens = DEFAULT_CALIB_TOKENS
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 2:
@@ -677,8 +677,7 @@ class _Plan:
         and their (already checked) headers; return the settings with both recorded.
 
         The two are independent, so calibration (transformers' import, the model's load and its
-        forward passes, mostly outside the GIL) runs in a thread beside the allocation (SmolLM2
-        with ``calib="random"``: 7.3 s one after the other, ~5.5 s side by side)."""
+        forward passes, much of it outside the GIL) runs in a thread beside the allocation."""
         if self.calib is None:
             return self._allocate(headers, settings, progress)
         found: list[Any] = []
