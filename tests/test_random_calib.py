@@ -123,3 +123,14 @@ def test_random_calib_arguments_and_cli(tmp_path: Path, llama: Path, capsys: pyt
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.isfinite(list(wcfmt.load_state_dict(tmp_path / "cli-random").values())[0].float().numpy()).all()
+
+
+def test_statistics_run_in_the_checkpoints_width(tmp_path: Path, llama: Path) -> None:
+    from wcfmt.cluster.calibrate import _statistics_dtype
+
+    assert _statistics_dtype(llama) == torch.bfloat16  # the fixture is a bf16 checkpoint
+    for value, want in (("float16", torch.bfloat16), ("float32", torch.float32), (None, torch.float32)):
+        (tmp_path / "config.json").write_text(json.dumps({"torch_dtype": value}))
+        assert _statistics_dtype(tmp_path) == want
+    (tmp_path / "config.json").write_text("{not json")
+    assert _statistics_dtype(tmp_path) == torch.float32

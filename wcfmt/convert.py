@@ -218,7 +218,7 @@ def pack(
     λ·bits(c), ω_j = E[x_j²] of its input column (`wcfmt.cluster.calibrate.column_weights`), its
     tables refit to ω-weighted means: a few seconds, no text. ``calib=None`` (the default) in
     bits mode means ``"random"`` wherever it can run (`_calibration_for`: a causal-LM folder,
-    transformers installed, the model within half the free memory in float32), else none;
+    transformers installed, the model within half the free memory), else none;
     the settings record the choice or why it was not made (``calib_skipped``), and a model that
     fails to load then is a warning, not an error. ``calib="none"``: no calibration.
 
@@ -306,7 +306,8 @@ def _calibration_for(src: Path, calib: str | Path | None, *, bits_mode: bool) ->
     made ("" when it was; None when the user chose). ``calib=None`` in bits mode means
     `RANDOM_CALIB` wherever it can run: a Hugging Face causal-LM folder (its config names a
     ``...ForCausalLM`` / ``...LMHeadModel`` class and no custom code), transformers installed,
-    and the model in float32 within half the memory available. ``"none"``: no calibration."""
+    and the model (run in its checkpoint's width, `calibrate._statistics_dtype`) within half
+    the memory available. ``"none"``: no calibration."""
     from .cluster.calibrate import NO_CALIB, RANDOM_CALIB
 
     if isinstance(calib, str) and calib == NO_CALIB:
@@ -334,10 +335,10 @@ def _auto_calibration_blocker(src: Path) -> str | None:
         return "the model needs its own code (auto_map)"
     if importlib.util.find_spec("transformers") is None:
         return "transformers is not installed (pip install transformers)"
-    need = 2 * _source_bytes(src)  # float32 from (mostly) 16-bit weights
+    need = _source_bytes(src)  # it runs in its checkpoint's width (bfloat16 for 16-bit weights)
     have = _available_memory()
     if have is not None and need > have // 2:
-        return f"the model needs {need / 2**30:.1f} GiB in float32; {have / 2**30:.1f} GiB of memory is available"
+        return f"the model needs {need / 2**30:.1f} GiB to run; {have / 2**30:.1f} GiB of memory is available"
     return None
 
 

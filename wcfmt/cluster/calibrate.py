@@ -30,6 +30,7 @@ table rules of `wcfmt.cluster.kmeans.round_centroids`.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from collections.abc import Callable, Collection
 from pathlib import Path
@@ -118,8 +119,8 @@ def sample_text(
 
 
 # -- the inputs' second moments ---------------------------------------------------------------
-def _load_model(folder: Path, what: str, tokenizer: bool = True) -> tuple[Any, Any]:
-    """(tokenizer or None, float32 causal LM in eval mode) of a Hugging Face folder, or `UsageError`."""
+def _load_model(folder: Path, what: str, tokenizer: bool = True, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """(tokenizer or None, causal LM in ``dtype``, eval mode) of a Hugging Face folder, or `UsageError`."""
     if not (folder / "config.json").is_file():
         raise UsageError(f"{folder}: {what} needs a Hugging Face model folder (no config.json)")
     try:
@@ -132,7 +133,7 @@ def _load_model(folder: Path, what: str, tokenizer: bool = True) -> tuple[Any, A
     hf_logging.set_verbosity_error()  # transformers' load report: the check below says it in one line
     try:
         tok = AutoTokenizer.from_pretrained(folder) if tokenizer else None
-        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise UsageError(f"{folder}: cannot load the model for {what} ({e})") from None
     finally:
@@ -234,9 +235,23 @@ def collect_random_diagonals(
     does: on SmolLM2-135M the log of these diagonals correlates with the ones from sampled text
     at 0.86 (median over layers), and weighting columns by them took ``--bits 5.43`` from 1.050×
     to 1.015× bf16 perplexity, as the text's own diagonals did (1.017×; tools/RESULTS-smollm2.md)."""
-    _, model = _load_model(Path(model_folder), "calib='random'", tokenizer=False)
+    folder = Path(model_folder)
+    _, model = _load_model(folder, "calib='random'", tokenizer=False, dtype=_statistics_dtype(folder))
     windows = random_windows(model.config, sequences, tokens, seed)
     return _second_moments(model, windows, _keep(names), batch=sequences, progress=progress, diagonal=True)
+
+
+def _statistics_dtype(folder: Path) -> torch.dtype:
+    """bfloat16 for a 16-bit checkpoint, else float32: E[x²] per column only sets weights rounded
+    to ¼ octave, and SmolLM2 (bf16) loads in 0.13 s and runs 1,024 tokens in 0.66 s in bfloat16
+    against 2.0 s and 1.8 s in float32, at half the memory (ad-hoc timing; the weights' log
+    correlates with float32's at ≥ 0.999 per matrix)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return torch.float32
+    name = (config.get("dtype") or config.get("torch_dtype")) if isinstance(config, dict) else None
+    return torch.bfloat16 if name in ("bfloat16", "float16") else torch.float32
 
 
 def _second_moments(
