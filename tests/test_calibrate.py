@@ -365,6 +365,8 @@ def test_random_windows_from_the_config(tiny_llama) -> None:
     assert not torch.isin(ids[:, 1:], torch.tensor([3, 4, 5])).any() and int(ids.max()) < config.vocab_size
     assert torch.equal(ids, random_windows(config, sequences=3, tokens=40, seed=1))
     assert not torch.equal(ids, random_windows(config, sequences=3, tokens=40, seed=2))
+    config.max_position_embeddings = 24  # a short model: rows fit its positions
+    assert random_windows(config, sequences=2, tokens=40).shape == (2, 24)
 
 
 def test_collect_random_diagonals_is_the_diagonal_on_random_tokens(tiny_llama) -> None:

@@ -134,3 +134,20 @@ def test_statistics_run_in_the_checkpoints_width(tmp_path: Path, llama: Path) ->
         assert _statistics_dtype(tmp_path) == want
     (tmp_path / "config.json").write_text("{not json")
     assert _statistics_dtype(tmp_path) == torch.float32
+
+
+def test_a_model_without_linear_projections_gets_no_weights(tmp_path: Path) -> None:
+    """GPT-2's projections are Conv1D, not nn.Linear: nothing to weigh, and the header says so."""
+    import transformers
+
+    folder = tmp_path / "gpt2"
+    config = transformers.GPT2Config(vocab_size=20, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).to(torch.bfloat16).save_pretrained(folder)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # automatic: recorded, not warned
+        wcfmt.pack(folder, tmp_path / "auto", bits=4.0)
+    extra = _extra(tmp_path / "auto")
+    assert extra["calib"] == "none" and extra["calib_skipped"] == "no clustered projection is an nn.Linear to weigh"
+    with pytest.warns(UserWarning, match="no clustered projection is an nn.Linear"):  # asked for: warned
+        wcfmt.pack(folder, tmp_path / "asked", bits=4.0, calib="random")

@@ -653,8 +653,12 @@ class _Plan:
         refit = "+refit" if CALIB_REFIT else ""
         if text_path == RANDOM_CALIB:
             self.hessians = collect_random_diagonals(folder, names=wanted, progress=progress)
-            extra["calib"] = "diagonal" + refit
-            extra["calib_text"] = f"random ({RANDOM_SEQUENCES}x{RANDOM_TOKENS} tokens, seed {RANDOM_SEED})"
+            if not self.hessians:  # e.g. GPT-2's Conv1D projections: no nn.Linear to hook
+                extra["calib"] = "none"
+                extra["calib_skipped"] = "no clustered projection is an nn.Linear to weigh"
+            else:
+                extra["calib"] = "diagonal" + refit
+                extra["calib_text"] = f"random ({RANDOM_SEQUENCES}x{RANDOM_TOKENS} tokens, seed {RANDOM_SEED})"
             return settings.model_copy(update={"extra": extra})
         if text_path == SELF_CALIB:
             text = sample_text(folder)
@@ -706,7 +710,10 @@ class _Plan:
         if isinstance(found[0], BaseException):
             raise found[0]
         calibrated = found[0].extra
-        if "calib_skipped" in calibrated:
+        # The user asked and got nothing, or the automatic choice failed to run the model: say so.
+        # (An automatic pass that found nothing to weigh is only recorded.)
+        skipped = calibrated.get("calib_skipped", "")
+        if skipped and (not self.calib_auto or skipped.startswith("the model did not run")):
             import warnings
 
             folder = self.calib[0] if self.calib else ""

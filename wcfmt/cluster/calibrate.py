@@ -204,8 +204,13 @@ def random_windows(config: Any, sequences: int = RANDOM_SEQUENCES, tokens: int =
                    seed: int = RANDOM_SEED) -> torch.Tensor:
     """``sequences`` × ``tokens`` token ids drawn uniformly (torch seed ``seed``) from a model
     config's ``vocab_size`` less its BOS, EOS and padding ids, each row starting with the BOS
-    token when the config names one (as a document does). From the config, not the tokenizer:
-    loading a tokenizer costs more than the forward pass it would feed."""
+    token when the config names one (as a document does); rows are cut to the model's
+    positions (``max_position_embeddings`` / ``n_positions``) when it has fewer. From the config,
+    not the tokenizer: loading a tokenizer costs more than the forward pass it would feed."""
+    for key in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, key, None)
+        if isinstance(limit, int) and 2 <= limit < tokens:
+            tokens = limit
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     bos = _config_ids(getattr(config, "bos_token_id", None))
     special = set(bos) | set(_config_ids(getattr(config, "eos_token_id", None))) | set(
