@@ -367,6 +367,10 @@ def test_random_windows_from_the_config(tiny_llama) -> None:
     assert not torch.equal(ids, random_windows(config, sequences=3, tokens=40, seed=2))
     config.max_position_embeddings = 24  # a short model: rows fit its positions
     assert random_windows(config, sequences=2, tokens=40).shape == (2, 24)
+    from wcfmt.cluster.calibrate import random_row_length
+
+    assert random_row_length({"n_positions": 32}) == 32 and random_row_length({"n_positions": True}) == 128
+    assert random_row_length({}) == 128 and random_row_length({"max_position_embeddings": 8192}) == 128
 
 
 def test_collect_random_diagonals_is_the_diagonal_on_random_tokens(tiny_llama) -> None:

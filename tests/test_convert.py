@@ -137,7 +137,7 @@ def test_pack_records_settings_and_metadata(packed: tuple[Path, PackReport, dict
             # a causal-LM folder and transformers: columns weighted by random tokens, at their default bits
             assert {k: st.extra[k] for k in ("storage_chunk_rows", "bits", "embeddings", "calib")} == {
                 "storage_chunk_rows": "256", "bits": "5.43", "embeddings": "clustered", "calib": "diagonal+refit"}
-            assert st.extra["calib_text"] == "random (8x128 tokens, seed 0)"
+            assert st.extra["calib_text"] == "random (8x64 tokens, seed 0)"
             assert float(st.extra["lambda"]) > 0 and float(st.extra["step"]) > 0
             codecs |= {e.codec for e in r.header.tensors.values()}
     assert codecs == {"clustered", "lossless"}

@@ -44,7 +44,8 @@ def test_default_pack_of_a_causal_lm_weighs_columns_by_random_tokens(tmp_path: P
     wcfmt.pack(llama, tmp_path / "random", bits=convert.DEFAULT_BITS_CALIBRATED, calib="random")
     wcfmt.pack(llama, tmp_path / "none", calib="none")
     auto, none = _extra(tmp_path / "default"), _extra(tmp_path / "none")
-    assert auto["calib"] == "diagonal+refit" and auto["calib_text"] == "random (8x128 tokens, seed 0)"
+    # 8 rows of 128 random ids, cut to the tiny model's 64 positions
+    assert auto["calib"] == "diagonal+refit" and auto["calib_text"] == "random (8x64 tokens, seed 0)"
     assert auto["bits"] == f"{convert.DEFAULT_BITS_CALIBRATED:g}" and none["bits"] == f"{convert.DEFAULT_BITS:g}"
     assert "calib" not in none and "calib_skipped" not in none  # the user said none: nothing to explain
     assert _projections(tmp_path / "default") == _projections(tmp_path / "random")  # the same choice, spelled out
@@ -119,7 +120,7 @@ def test_random_calib_arguments_and_cli(tmp_path: Path, llama: Path, capsys: pyt
     assert main(["pack", str(llama), "-o", str(tmp_path / "cli-random"), "--calib", "random", "-q"]) == 0
     assert "calib" not in _extra(tmp_path / "cli-none") and _extra(tmp_path / "cli-random")["calib"] == "diagonal+refit"
     assert main(["info", str(tmp_path / "cli-random")]) == 0
-    assert "calibrated (diagonal+refit, random (8x128 tokens, seed 0))" in capsys.readouterr().out
+    assert "calibrated (diagonal+refit, random (8x64 tokens, seed 0))" in capsys.readouterr().out
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert np.isfinite(list(wcfmt.load_state_dict(tmp_path / "cli-random").values())[0].float().numpy()).all()

@@ -638,8 +638,8 @@ class _Plan:
     def _collect(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], settings: PackSettings,
                  progress: bool) -> PackSettings:
         from .cluster.calibrate import (
-            RANDOM_CALIB, RANDOM_SEED, RANDOM_SEQUENCES, RANDOM_TOKENS, SELF_CALIB, SELF_SEED, SELF_SEQUENCES,
-            SELF_TOKENS, collect_hessians, collect_random_diagonals, sample_text,
+            RANDOM_CALIB, RANDOM_SEED, RANDOM_SEQUENCES, SELF_CALIB, SELF_SEED, SELF_SEQUENCES, SELF_TOKENS,
+            collect_hessians, collect_random_diagonals, random_row_length, sample_text,
         )  # fmt: skip
 
         assert self.calib is not None
@@ -658,7 +658,9 @@ class _Plan:
                 extra["calib_skipped"] = "no clustered projection is an nn.Linear to weigh"
             else:
                 extra["calib"] = "diagonal" + refit
-                extra["calib_text"] = f"random ({RANDOM_SEQUENCES}x{RANDOM_TOKENS} tokens, seed {RANDOM_SEED})"
+                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # it loaded: readable
+                row = random_row_length(config)
+                extra["calib_text"] = f"random ({RANDOM_SEQUENCES}x{row} tokens, seed {RANDOM_SEED})"
             return settings.model_copy(update={"extra": extra})
         if text_path == SELF_CALIB:
             text = sample_text(folder)

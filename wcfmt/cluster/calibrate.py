@@ -200,6 +200,16 @@ def _config_ids(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
+def random_row_length(config: Any, tokens: int = RANDOM_TOKENS) -> int:
+    """``tokens``, or the model's positions (``max_position_embeddings`` / ``n_positions`` of a
+    config object or config.json dict) when it has fewer."""
+    for key in ("max_position_embeddings", "n_positions"):
+        limit = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        if isinstance(limit, int) and not isinstance(limit, bool) and 2 <= limit < tokens:
+            tokens = limit
+    return tokens
+
+
 def random_windows(config: Any, sequences: int = RANDOM_SEQUENCES, tokens: int = RANDOM_TOKENS,
                    seed: int = RANDOM_SEED) -> torch.Tensor:
     """``sequences`` × ``tokens`` token ids drawn uniformly (torch seed ``seed``) from a model
@@ -207,10 +217,7 @@ def random_windows(config: Any, sequences: int = RANDOM_SEQUENCES, tokens: int =
     token when the config names one (as a document does); rows are cut to the model's
     positions (``max_position_embeddings`` / ``n_positions``) when it has fewer. From the config,
     not the tokenizer: loading a tokenizer costs more than the forward pass it would feed."""
-    for key in ("max_position_embeddings", "n_positions"):
-        limit = getattr(config, key, None)
-        if isinstance(limit, int) and 2 <= limit < tokens:
-            tokens = limit
+    tokens = random_row_length(config, tokens)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     bos = _config_ids(getattr(config, "bos_token_id", None))
     special = set(bos) | set(_config_ids(getattr(config, "eos_token_id", None))) | set(
