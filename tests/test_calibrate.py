@@ -367,16 +367,21 @@ def test_random_windows_from_the_config(tiny_llama) -> None:
     assert not torch.equal(ids, random_windows(config, sequences=3, tokens=40, seed=2))
     config.max_position_embeddings = 24  # a short model: rows fit its positions
     assert random_windows(config, sequences=2, tokens=40).shape == (2, 24)
-    from wcfmt.cluster.calibrate import random_row_length
+    from types import SimpleNamespace
 
-    assert random_row_length({"n_positions": 32}) == 32 and random_row_length({"n_positions": True}) == 128
-    assert random_row_length({}) == 128 and random_row_length({"max_position_embeddings": 8192}) == 128
+    from wcfmt.cluster.calibrate import _row_length
+
+    assert _row_length(SimpleNamespace(n_positions=32), 128) == 32
+    assert _row_length(SimpleNamespace(n_positions=True), 128) == 128
+    assert _row_length(SimpleNamespace(), 128) == 128
+    assert _row_length(SimpleNamespace(max_position_embeddings=8192), 128) == 128
 
 
 def test_collect_random_diagonals_is_the_diagonal_on_random_tokens(tiny_llama) -> None:
     from transformers import AutoModelForCausalLM
 
-    d = collect_random_diagonals(tiny_llama, sequences=2, tokens=16, names=lambda n: "layers.1" in n)
+    d, shape = collect_random_diagonals(tiny_llama, sequences=2, tokens=16, names=lambda n: "layers.1" in n)
+    assert shape == (2, 16)
     assert sorted(d) == sorted(f"model.layers.1.{m}.weight" for m in (
         "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"))  # fmt: skip

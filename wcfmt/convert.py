@@ -611,7 +611,8 @@ class _Plan:
         #: (model folder, text file or SELF_CALIB / RANDOM_CALIB, tokens of a text)
         self.calib: tuple[Path, Path | str, int] | None = None
         self.hessians: dict[str, Any] = {}
-        self.calib_auto = False
+        self.calib_auto = False  # chosen by pack, not the user
+        self.calib_failed = False  # ... and the model did not run
 
     def set_calibration(self, src: Any, calib: str | Path, tokens: int | None, *, auto: bool = False) -> None:
         """Check the calibration arguments (before anything is read or written). ``auto``: chosen
@@ -635,11 +636,12 @@ class _Plan:
             raise UsageError(f"calib_tokens must be an integer >= 2, got {tokens!r}")
         self.calib = (Path(src), text, tokens)
 
-    def _collect(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], settings: PackSettings,
-                 progress: bool) -> PackSettings:
+    def _collect(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], progress: bool) -> dict[str, str]:
+        """Run the model for the calibration statistics (``self.hessians``); return the header
+        settings that describe them."""
         from .cluster.calibrate import (
-            RANDOM_CALIB, RANDOM_SEED, RANDOM_SEQUENCES, SELF_CALIB, SELF_SEED, SELF_SEQUENCES, SELF_TOKENS,
-            collect_hessians, collect_random_diagonals, random_row_length, sample_text,
+            RANDOM_CALIB, RANDOM_SEED, SELF_CALIB, SELF_SEED, SELF_SEQUENCES, SELF_TOKENS, collect_hessians,
+            collect_random_diagonals, sample_text,
         )  # fmt: skip
 
         assert self.calib is not None
@@ -649,19 +651,12 @@ class _Plan:
         wanted = {info.name for _, h in headers for info in h.values()
                   if self.policy.clusters(info.name, tuple(info.shape), info.dtype) and len(info.shape) == 2
                   and self.policy.group(info.name) != "embed"}  # fmt: skip
-        extra = dict(settings.extra)
         refit = "+refit" if CALIB_REFIT else ""
         if text_path == RANDOM_CALIB:
-            self.hessians = collect_random_diagonals(folder, names=wanted, progress=progress)
+            self.hessians, (rows, row) = collect_random_diagonals(folder, names=wanted, progress=progress)
             if not self.hessians:  # e.g. GPT-2's Conv1D projections: no nn.Linear to hook
-                extra["calib"] = "none"
-                extra["calib_skipped"] = "no clustered projection is an nn.Linear to weigh"
-            else:
-                extra["calib"] = "diagonal" + refit
-                config = json.loads((folder / "config.json").read_text(encoding="utf-8"))  # it loaded: readable
-                row = random_row_length(config)
-                extra["calib_text"] = f"random ({RANDOM_SEQUENCES}x{row} tokens, seed {RANDOM_SEED})"
-            return settings.model_copy(update={"extra": extra})
+                return {"calib": "none", "calib_skipped": "no clustered projection is an nn.Linear to weigh"}
+            return {"calib": "diagonal" + refit, "calib_text": f"random ({rows}x{row} tokens, seed {RANDOM_SEED})"}
         if text_path == SELF_CALIB:
             text = sample_text(folder)
             text_name = f"self ({SELF_SEQUENCES}x{SELF_TOKENS} sampled tokens, seed {SELF_SEED})"
@@ -673,10 +668,7 @@ class _Plan:
             except UnicodeDecodeError as e:
                 raise UsageError(f"calib {text_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         self.hessians = collect_hessians(folder, text, tokens, names=wanted, progress=progress)
-        extra["calib"] = "gptq" + refit
-        extra["calib_text"] = text_name
-        extra["calib_tokens"] = str(tokens)
-        return settings.model_copy(update={"extra": extra})
+        return {"calib": "gptq" + refit, "calib_text": text_name, "calib_tokens": str(tokens)}
 
     def prepare(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], settings: PackSettings,
                 progress: bool) -> PackSettings:
@@ -691,15 +683,15 @@ class _Plan:
 
         def collect() -> None:
             try:
-                found.append(self._collect(headers, settings, progress))
+                found.append(self._collect(headers, progress))
             except Exception as e:
                 if not self.calib_auto:
                     found.append(e)  # re-raised in the caller's thread below
                     return
-                # pack chose to calibrate, not the user: say why it could not (below), and go on without
+                # pack chose to calibrate, not the user: go on without, and say why (below)
                 self.hessians = {}
-                extra = {**settings.extra, "calib": "none", "calib_skipped": f"the model did not run ({e})"}
-                found.append(settings.model_copy(update={"extra": extra}))
+                found.append({"calib": "none", "calib_skipped": f"the model did not run ({e})"})
+                self.calib_failed = True
             except BaseException as e:  # KeyboardInterrupt: re-raised below
                 found.append(e)
 
@@ -711,18 +703,14 @@ class _Plan:
         worker.join()
         if isinstance(found[0], BaseException):
             raise found[0]
-        calibrated = found[0].extra
+        calibrated: dict[str, str] = found[0]
         # The user asked and got nothing, or the automatic choice failed to run the model: say so.
         # (An automatic pass that found nothing to weigh is only recorded.)
-        skipped = calibrated.get("calib_skipped", "")
-        if skipped and (not self.calib_auto or skipped.startswith("the model did not run")):
+        if "calib_skipped" in calibrated and (not self.calib_auto or self.calib_failed):
             import warnings
 
-            folder = self.calib[0] if self.calib else ""
-            warnings.warn(f"{folder}: packed without column weights: {calibrated['calib_skipped']}", stacklevel=3)
-        extra = dict(allocated.extra)
-        extra.update({key: calibrated[key] for key in calibrated if key not in settings.extra})
-        return allocated.model_copy(update={"extra": extra})
+            warnings.warn(f"{self.calib[0]}: packed without column weights: {calibrated['calib_skipped']}", stacklevel=3)
+        return allocated.model_copy(update={"extra": {**allocated.extra, **calibrated}})
 
     def _allocate(self, headers: Sequence[tuple[Path, dict[str, TensorInfo]]], settings: PackSettings,
                   progress: bool) -> PackSettings:

@@ -200,11 +200,11 @@ def _config_ids(value: Any) -> list[int]:
     return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
-def random_row_length(config: Any, tokens: int = RANDOM_TOKENS) -> int:
-    """``tokens``, or the model's positions (``max_position_embeddings`` / ``n_positions`` of a
-    config object or config.json dict) when it has fewer."""
+def _row_length(config: Any, tokens: int) -> int:
+    """``tokens``, or the model's positions (``max_position_embeddings`` / ``n_positions``) when
+    it has fewer."""
     for key in ("max_position_embeddings", "n_positions"):
-        limit = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+        limit = getattr(config, key, None)
         if isinstance(limit, int) and not isinstance(limit, bool) and 2 <= limit < tokens:
             tokens = limit
     return tokens
@@ -217,7 +217,7 @@ def random_windows(config: Any, sequences: int = RANDOM_SEQUENCES, tokens: int =
     token when the config names one (as a document does); rows are cut to the model's
     positions (``max_position_embeddings`` / ``n_positions``) when it has fewer. From the config,
     not the tokenizer: loading a tokenizer costs more than the forward pass it would feed."""
-    tokens = random_row_length(config, tokens)
+    tokens = _row_length(config, tokens)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
     bos = _config_ids(getattr(config, "bos_token_id", None))
     special = set(bos) | set(_config_ids(getattr(config, "eos_token_id", None))) | set(
@@ -240,9 +240,10 @@ def collect_random_diagonals(
     tokens: int = RANDOM_TOKENS,
     seed: int = RANDOM_SEED,
     progress: bool = False,
-) -> dict[str, np.ndarray]:
-    """``{weight name: E[x_j²]}`` per linear layer, from the model reading random tokens
-    (`random_windows`): no text at all. What sets a column's importance is mostly the model's
+) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
+    """``({weight name: E[x_j²]}, (sequences, tokens))``: per linear layer, the diagonal of its
+    inputs' second moments, from the model reading random tokens (`random_windows`; the shape of
+    what it read, rows cut to the model's positions): no text at all. What sets a column's importance is mostly the model's
     own scale structure (norm gains, outlier channels), which random tokens excite as text
     does: on SmolLM2-135M the log of these diagonals correlates with the ones from sampled text
     at 0.86 (median over layers), and weighting columns by them took ``--bits 5.43`` from 1.050×
@@ -250,7 +251,8 @@ def collect_random_diagonals(
     folder = Path(model_folder)
     _, model = _load_model(folder, "calib='random'", tokenizer=False, dtype=_statistics_dtype(folder))
     windows = random_windows(model.config, sequences, tokens, seed)
-    return _second_moments(model, windows, _keep(names), batch=sequences, progress=progress, diagonal=True)
+    found = _second_moments(model, windows, _keep(names), batch=sequences, progress=progress, diagonal=True)
+    return found, (int(windows.shape[0]), int(windows.shape[1]))
 
 
 def _statistics_dtype(folder: Path) -> torch.dtype:
@@ -521,7 +523,8 @@ def _diagonal_16bit(
 ) -> np.ndarray:
     """`_diagonal` of a BF16/F16 matrix given as its bit patterns (rows × cols uint16), by tables:
     the label of every distinct value present for every distinct ω, then one gather per weight
-    (about 20× faster than weighing candidates per weight; the same labels)."""
+    (on SmolLM2's matrices about 6× faster than weighing candidates per weight, by ad-hoc
+    timing; the same labels)."""
     from .kmeans import _pattern_values
 
     rows, cols = bits.shape
@@ -603,12 +606,12 @@ def calibrate_clustered(
     if np.shape(h) != ((cols,) if diagonal else (cols, cols)):
         raise UsageError(f"{where}H has shape {np.shape(h)}, the weight {cols} columns: need ({cols}, {cols}) or ({cols},)")
     dtype = name_of(ct.dtype)
-    u = None
+    u = omega = None
     try:
-        if not diagonal:
-            u = inverse_cholesky(h, damp)
+        if diagonal:
+            omega = column_weights(h, damp, cols)
         else:
-            column_weights(h, damp, cols)  # checked once, before any work
+            u = inverse_cholesky(h, damp)
     except UsageError as e:
         raise UsageError(f"{where}{e}") from e
     h = np.asarray(h, dtype=np.float64)
@@ -617,10 +620,8 @@ def calibrate_clustered(
         col_weight = np.ones(cols)
     w = original.detach().cpu().to(torch.float64).numpy()
     patterns = None  # a diagonal H and a 16-bit source: labels by tables (`_diagonal_16bit`)
-    if diagonal:
-        omega = column_weights(h, damp, cols)
-        if dtype in ("BF16", "F16") and name_of(original.dtype) == dtype:
-            patterns = to_numpy(original.detach().cpu().contiguous()).view(np.uint16).reshape(shape)
+    if diagonal and dtype in ("BF16", "F16") and name_of(original.dtype) == dtype:
+        patterns = to_numpy(original.detach().cpu().contiguous()).view(np.uint16).reshape(shape)
     old = to_numpy(ct.labels)
     labels = np.empty(shape, dtype=np.uint8)
     tables: list[torch.Tensor] = []
@@ -634,6 +635,7 @@ def calibrate_clustered(
         grid = _rebuilt(ct.centroids[i], dtype)
         bits = _code_bits(old[a:b], grid.size) if lam > 0 else None
         if patterns is not None:
+            assert omega is not None
             lab = _diagonal_16bit(patterns[a:b], dtype, omega, grid, lam, bits)
         else:
             lab = gptq_labels(w[a:b], h, grid, damp=damp, lam=lam, code_bits=bits, u=u)
