@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import sys
@@ -25,16 +26,18 @@ import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["AtomicFile", "new_file_mode", "write_text_atomic", "TMP_SUFFIX", "owner_tag", "remove_stale_temps"]
+__all__ = ["AtomicFile", "new_file_mode", "write_text_atomic", "TMP_SUFFIX", "owner_tag", "remove_stale_temps",
+           "temp_folder_name"]
 
-#: Temporary files are named ``.<name>.<pid>@<host>.<random>.tmp`` beside their destination
-#: (`wcfmt.io.folder` names its temporary folders ``.<name>.wcfmt-[old-]<pid>@<host>.<random>.tmp``).
+#: Temporary files are named ``.<name>.<pid>@<host>.<random>.tmp`` beside their destination,
+#: temporary folders (`wcfmt.io.folder.building_folder`) ``.<name>.wcfmt-[<tag>]<pid>@<host>.<random>.tmp``
+#: (`temp_folder_name`).
 TMP_SUFFIX = ".tmp"
 
 log = logging.getLogger("wcfmt")
 
 #: What follows ``.<name>.`` in a temporary name of ours: the writer's pid and host.
-_OWNED = re.compile(r"^(?:wcfmt-(?:old-)?)?(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
+_OWNED = re.compile(r"^(?:wcfmt-(?:[a-z]+-)?)?(\d+)@([A-Za-z0-9-]+)\.[A-Za-z0-9_]+\.tmp$")
 
 
 def _host() -> str:
@@ -45,6 +48,12 @@ def owner_tag() -> str:
     """``<pid>@<host>``: who writes a temporary file, so that a later run can tell a leftover of
     a killed process from a file another process is still writing."""
     return f"{os.getpid()}@{_host()}"
+
+
+def temp_folder_name(dest: Path, tag: str = "") -> str:
+    """A fresh temporary folder name for ``dest`` (``tag``: lowercase letters and a dash, e.g.
+    ``"old-"``), in the form `remove_stale_temps` recognises."""
+    return f".{dest.name}.wcfmt-{tag}{owner_tag()}.{secrets.token_hex(4)}{TMP_SUFFIX}"
 
 
 def _alive(pid: int) -> bool:

@@ -16,7 +16,6 @@ import contextlib
 import errno
 import json
 import os
-import secrets
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,7 +24,7 @@ from typing import Iterable, Iterator, Mapping
 import torch
 
 from ..constants import INDEX_NAME, SUFFIX
-from ..atomic import new_file_mode, owner_tag, remove_stale_temps, write_text_atomic
+from ..atomic import new_file_mode, remove_stale_temps, temp_folder_name, write_text_atomic
 from ..errors import FormatError, OutputExistsError, UsageError, first_few
 from .safetensors_io import SAFETENSORS_SUFFIX
 
@@ -345,7 +344,7 @@ def _fresh_dir(dst: Path, tag: str) -> Path:
     # umask, as save_pretrained's os.makedirs does.
     remove_stale_temps(dst)
     for _ in range(100):
-        p = dst.parent / f".{dst.name}.wcfmt-{tag}{owner_tag()}.{secrets.token_hex(4)}.tmp"
+        p = dst.parent / temp_folder_name(dst, tag)
         try:
             p.mkdir()
             return p
