@@ -251,10 +251,6 @@ def test_calib_relabels_and_records(tmp_path: Path, tied_llama: Path) -> None:
 
 def test_cli_default_bits_is_the_librarys() -> None:
     from wcfmt import cli, convert
-
-    assert cli._DEFAULT_BITS == convert.DEFAULT_BITS
-    assert cli._DEFAULT_BITS_CALIBRATED == convert.DEFAULT_BITS_CALIBRATED
-    assert cli._DEFAULT_EMBED_WEIGHT == convert.DEFAULT_EMBED_WEIGHT
     text = " ".join(cli.build_parser()._subparsers._group_actions[0]  # type: ignore[union-attr]
                     .choices["pack"].format_help().split())
     assert f"default {convert.DEFAULT_BITS_CALIBRATED:g} when input columns are weighted" in text

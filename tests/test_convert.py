@@ -426,7 +426,7 @@ def test_bad_settings_are_usage_errors(tmp_path: Path, kw: dict) -> None:
 
 def test_pack_in_worker_processes_gives_identical_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Clustering in a process pool (used for big inputs) must write the same file as in-process."""
-    import wcfmt.convert as convert
+    from wcfmt.packing import encode
 
     g = torch.Generator().manual_seed(3)
     src = tmp_path / "m.safetensors"
@@ -439,7 +439,7 @@ def test_pack_in_worker_processes_gives_identical_bytes(tmp_path: Path, monkeypa
         str(src),
     )
     wcfmt.pack(src, tmp_path / "serial.wclust", threads=1)
-    monkeypatch.setattr(convert, "_PROCESS_POOL_MIN_BYTES", 0)
+    monkeypatch.setattr(encode, "PROCESS_POOL_MIN_BYTES", 0)
     report = wcfmt.pack(src, tmp_path / "pool.wclust", threads=2)
     assert report.clustered == 3
     assert (tmp_path / "pool.wclust").read_bytes() == (tmp_path / "serial.wclust").read_bytes()

@@ -113,7 +113,8 @@ def test_cli_option_and_default(tmp_path: Path, model: Path) -> None:
     from wcfmt import cli, convert
     from wcfmt.cli import main
 
-    assert cli._DEFAULT_EMBED_IMPORTANCE == convert.EMBED_IMPORTANCE
+    pack_help = cli.build_parser()._subparsers._group_actions[0].choices["pack"].format_help()  # type: ignore[union-attr]
+    assert f"(uniform; default {convert.EMBED_IMPORTANCE})" in " ".join(pack_help.split())
     assert main(["pack", str(model), "-o", str(tmp_path / "c"), "--bits", "3", "--embed-importance", "tokens", "-q"]) == 0
     assert stored_bits(tmp_path / "c")[1]["embed_importance"] == "bpe-merge-rank"
     from wcfmt.inspect import format_table, info
@@ -129,7 +130,7 @@ def test_embed_weight_is_for_output_heads_only(tmp_path: Path, model: Path) -> N
     encoder's input embedding (no causal architecture in config.json) keeps weight 1."""
     import shutil
 
-    from wcfmt.convert import _is_output_head
+    from wcfmt.packing.plan import is_output_head as _is_output_head
 
     steps = {}
     for name, config in (("encoder", {"architectures": ["BertModel"]}),

@@ -24,6 +24,7 @@ PUBLIC = [
     "load_model",
     "pack",
     "unpack",
+    "PackOptions",
     "cluster_tensor",
     "ClusterPolicy",
     "rewrite_centroids",
@@ -122,3 +123,15 @@ def test_error_inherits_builtin_and_parent(name: str) -> None:
 def test_tensor_not_found_message_is_not_quoted() -> None:
     assert str(wcfmt.TensorNotFoundError("m.wclust: no tensor named 'x'")) == "m.wclust: no tensor named 'x'"
     assert str(wcfmt.TensorNotFoundError()) == ""
+
+
+def test_old_import_paths_still_work() -> None:
+    """0.2's module paths stay importable after the pipeline moved to `wcfmt.packing` and the
+    method's tools to `wcfmt.method` (promised names: extend, never rename)."""
+    import wcfmt.convert as convert
+    from wcfmt.convert import DEFAULT_BITS, PackReport, UnpackReport, cluster_for_storage, pack, unpack
+
+    assert pack is wcfmt.pack and unpack is wcfmt.unpack and convert.torch_dtype_of is not None
+    assert PackReport.__name__ == "PackReport" and UnpackReport.__name__ == "UnpackReport"
+    assert DEFAULT_BITS == wcfmt.packing.options.DEFAULT_BITS and callable(cluster_for_storage)
+    assert callable(wcfmt.pack) and isinstance(wcfmt.packing, types.ModuleType)

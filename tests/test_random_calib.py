@@ -14,6 +14,7 @@ import torch
 
 import wcfmt
 from wcfmt import convert
+from wcfmt.packing import calibrate as calibrate_stage
 from wcfmt.cli import main
 from wcfmt.errors import UsageError
 from wcfmt.reader import WclustReader
@@ -75,17 +76,17 @@ def test_where_automatic_calibration_does_not_run(tmp_path: Path, llama: Path, m
     # custom model code, too little memory, no transformers
     cfg["architectures"], cfg["auto_map"] = ["LlamaForCausalLM"], {"AutoModelForCausalLM": "x.Y"}
     (base / "config.json").write_text(json.dumps(cfg))
-    assert convert._auto_calibration_blocker(base) == "the model needs its own code (auto_map)"
-    monkeypatch.setattr(convert, "_available_memory", lambda: 1000)
-    assert "GiB of memory is available" in str(convert._auto_calibration_blocker(llama))
+    assert calibrate_stage.auto_calibration_blocker(base) == "the model needs its own code (auto_map)"
+    monkeypatch.setattr(calibrate_stage, "available_memory", lambda: 1000)
+    assert "GiB of memory is available" in str(calibrate_stage.auto_calibration_blocker(llama))
     monkeypatch.undo()
     import importlib.util
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "transformers" else real(n, *a))
-    assert convert._auto_calibration_blocker(llama) == "transformers is not installed (pip install transformers)"
+    assert calibrate_stage.auto_calibration_blocker(llama) == "transformers is not installed (pip install transformers)"
     monkeypatch.undo()
-    assert convert._auto_calibration_blocker(llama) is None
+    assert calibrate_stage.auto_calibration_blocker(llama) is None
     # a single file: no model to run
     wcfmt.pack(llama / "model.safetensors", tmp_path / "one.wclust")
     with WclustReader(tmp_path / "one.wclust") as r:

@@ -9,7 +9,7 @@ from ._version import __version__
 from .api import load_file, safe_open, save_file
 from .cluster import ClusterPolicy, cluster_tensor
 from .clustered_tensor import ClusteredTensor
-from .convert import pack, unpack
+from .packing import PackOptions, pack, unpack
 from .edit import rewrite_centroids
 from .heal import heal
 from . import transforms
@@ -42,6 +42,7 @@ __all__ = [
     "load_model",
     "pack",
     "unpack",
+    "PackOptions",
     "cluster_tensor",
     "ClusterPolicy",
     "rewrite_centroids",

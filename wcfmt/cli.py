@@ -1,8 +1,8 @@
-"""The ``wcfmt`` command: a thin shell over `wcfmt.convert` and `wcfmt.inspect`.
+"""The ``wcfmt`` command: a thin shell over `wcfmt.packing` and `wcfmt.inspect`.
 
 Every option maps to a keyword of the library call of the same name (``--chunk-rows`` →
 ``chunk_rows=``, ``--max-shard-size`` → ``max_shard_size=``), and ``--quiet`` to
-``progress=False``. Errors a user can cause (missing or malformed input, existing output, full
+``progress=False``; ``wcfmt pack``'s flags are generated from `wcfmt.PackOptions`' fields. Errors a user can cause (missing or malformed input, existing output, full
 disk, unsupported dtype, corrupt file) print one line, ``wcfmt: error: <file>: <tensor>:
 <problem>``, and exit with status 1; usage errors exit with 2, as argparse does.
 """
@@ -48,40 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("src", metavar="SRC", help="a .safetensors file or a Hugging Face model folder")
     pk.add_argument("-o", "--output", dest="dst", metavar="DST", required=True,
                     help="output .wclust file (for a file SRC) or folder (for a folder SRC)")
-    enc = pk.add_mutually_exclusive_group()
-    enc.add_argument("--bits", type=float, metavar="B",
-                     help="entropy-constrained encoder: B stored bits per clustered weight on average over the "
-                     f"model, one slope for all tensors (the default encoder; default {_DEFAULT_BITS_CALIBRATED:g} "
-                     f"when input columns are weighted (--calib, automatic for causal LMs), else {_DEFAULT_BITS:g})")
-    enc.add_argument("--k", type=int, metavar="K",
-                     help="exact k-means with at most K centroids per codebook instead of --bits (the paper's setting)")
-    pk.add_argument("--bits-embed", type=float, metavar="B",
-                    help="a budget of its own for token embeddings / LM heads (default: they share --bits' slope)")
-    pk.add_argument("--embed-weight", type=float, metavar="W",
-                    help="with --bits, count the squared error of token embeddings / LM heads W times in the "
-                    f"one-slope allocation (each x4 is about one more bit for them; default {_DEFAULT_EMBED_WEIGHT:g})")
-    pk.add_argument("--embeddings", action=argparse.BooleanOptionalAction, default=None,
-                    help="cluster token embeddings and LM heads (default: yes with --bits, no with --k)")
-    pk.add_argument("--embed-importance", choices=("tokens", "uniform"), default=None,
-                    help="weigh clustered embedding rows by their tokens' expected frequency from the folder's "
-                    "tokenizer.json (tokens: rare tokens' rows get coarser cells) or equally (uniform; "
-                    f"default {_DEFAULT_EMBED_IMPORTANCE})")
-    pk.add_argument("--calib", metavar="FILE|random|self|none",
-                    help="calibration: run the model (transformers) and choose labels by what each layer's "
-                    "inputs see. 'random' (the default with --bits for a causal-LM folder when transformers "
-                    "is installed): random tokens, each input column's error weighted by its E[x^2] (seconds); "
-                    "FILE: a text, GPTQ-style error feedback onto the encoder's grid; 'self': the same on text "
-                    "the model samples itself (minutes); 'none': no calibration (a file of one of these names: ./NAME)")
-    pk.add_argument("--calib-tokens", type=int, metavar="N", help="tokens of --calib used (default 4096)")
-    pk.add_argument("--chunk-rows", type=int, metavar="N", help="rows per centroid table (default: the policy's)")
-    pk.add_argument("--include", action="append", metavar="RE",
-                    help="also cluster tensors whose name matches RE (re.search; repeatable)")
-    pk.add_argument("--exclude", action="append", metavar="RE",
-                    help="never cluster tensors whose name matches RE (wins over --include; repeatable)")
-    pk.add_argument("--level", type=int, metavar="L", help="zstd level (default: parameters tuned for label planes)")
-    pk.add_argument("--threads", type=int, metavar="N",
-                    help="encoder/clusterer threads (default: one clusterer per core, encoder min(4, cores))")
-    _common(pk)
+    from .packing.options import add_arguments
+
+    add_arguments(pk)  # one flag per PackOptions field, its help the field's description
+    pk.add_argument("--settings-from", metavar="PACKED",
+                    help="pack with the options PACKED (a .wclust file or packed folder) records; flags given "
+                    "here override them (same source, same machine: the same bytes)")
+    pk.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
 
     up = sub.add_parser(
         "unpack", help=".wclust file or folder -> safetensors file or Hugging Face folder",
@@ -170,18 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--tensors", metavar="RE", help="only matrices whose name matches RE")
     se.add_argument("--json", action="store_true", help="print JSON instead of a table")
     se.add_argument("-q", "--quiet", action="store_true", help=_QUIET_HELP)
-    pk.add_argument("--budget-ppl", type=float, metavar="D",
-                    help="per-matrix K: the smallest of --budget-k whose isolated clustering raises perplexity on "
-                    "--text by at most D (runs `wcfmt sensitivity`; cached)")
-    pk.add_argument("--text", metavar="FILE", help="text for --budget-ppl")
-    _budget_args(pk, "--budget-k")
-    pk.add_argument("--base-model", metavar="ID",
-                    help="Hub id of the source model, for the card's base_model (default: SRC when it is a Hub id)")
-    pk.add_argument("--quality-note", metavar="TEXT", help="quality figures to state in the model card")
-    pk.add_argument("--remote-code", action="store_true",
-                    help="also write a trust_remote_code shim so AutoModel*.from_pretrained loads the folder")
-    pk.add_argument("--push-to-hub", metavar="REPO_ID", help="verify and upload the packed folder to this repository")
-    pk.add_argument("--token", metavar="TOKEN", help="Hub token for a Hub SRC or --push-to-hub (default: stored login)")
     p.formatter_class = _Help
     for sp in sub.choices.values():
         sp.formatter_class = _Help
@@ -215,15 +176,6 @@ def _cache(args: argparse.Namespace) -> object:
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     return Path(args.cache_dir)  # a folder: the cache file inside is named by its key
 
-
-#: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.convert.DEFAULT_BITS).
-_DEFAULT_BITS = 6.0
-#: The same for wcfmt.convert.DEFAULT_BITS_CALIBRATED.
-_DEFAULT_BITS_CALIBRATED = 5.43
-#: The same for wcfmt.convert.DEFAULT_EMBED_WEIGHT.
-_DEFAULT_EMBED_WEIGHT = 8.0
-#: The same for wcfmt.convert.EMBED_IMPORTANCE.
-_DEFAULT_EMBED_IMPORTANCE = "uniform"
 
 #: Kept here so that `wcfmt --help` does not import torch (tests pin it to wcfmt.heal.DEFAULTS).
 _HEAL_DEFAULTS = {"steps": 60, "lr": 2e-3, "seq_len": 256, "batch": 4}
@@ -266,40 +218,28 @@ def _progress(args: argparse.Namespace) -> bool:
 
 def _run(args: argparse.Namespace) -> int:
     # Imported here so that `wcfmt --help` and `--version` stay fast.
-    if args.command == "pack" and args.budget_ppl is not None:
-        from .sensitivity import pack_with_budget
-
-        if args.text is None or args.k is not None or args.bits is not None or args.calib is not None:
-            raise UsageError("--budget-ppl needs --text FILE and chooses K itself (no --k, --bits or --calib)")
-        pr, chosen, _ = pack_with_budget(
-            args.src, args.dst, budget_ppl=args.budget_ppl, text=args.text, ks=args.budget_k, tokens=args.tokens,
-            window=args.window, cache=_cache(args), chunk_rows=args.chunk_rows, include=args.include,
-            exclude=args.exclude, level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
-        )  # fmt: skip
-        if not args.quiet:
-            counts = {k: list(chosen.values()).count(k) for k in sorted(set(chosen.values()))}
-            print(pr.summary())
-            print(f"budget +{args.budget_ppl} ppl: K per matrix " + ", ".join(f"{k}: {n}" for k, n in counts.items()))
-        return 0
     if args.command == "pack":
-        from .convert import pack
+        from .packing import pack
+        from .packing.options import PackOptions
 
-        pr = pack(
-            args.src, args.dst, k=args.k, bits=args.bits, bits_embed=args.bits_embed, embed_weight=args.embed_weight,
-            embeddings=args.embeddings,
-            embed_importance=args.embed_importance, calib=args.calib, calib_tokens=args.calib_tokens, chunk_rows=args.chunk_rows, include=args.include,
-            exclude=args.exclude, level=args.level, threads=args.threads, force=args.force, progress=_progress(args),
-            **_card_args(args),
-        )  # fmt: skip
+        given = {n: v for n, v in vars(args).items() if n in PackOptions.model_fields and v is not None}
+        given["progress"] = _progress(args)
+        options = (PackOptions.from_file(args.settings_from, **given) if args.settings_from
+                   else PackOptions(**given))  # fmt: skip
+        pr = pack(args.src, args.dst, options)
         if not args.quiet:
             for name in pr.skipped:
                 print(f"{PROG}: note: {args.src}: {name} is not listed in the index; not packed", file=sys.stderr)
             print(pr.summary())
+            if pr.chosen_k:
+                ks = list(pr.chosen_k.values())
+                print(f"budget +{args.budget_ppl} ppl: K per matrix "
+                      + ", ".join(f"{k}: {ks.count(k)}" for k in sorted(set(ks))))
             if pr.pushed:
                 print(pr.pushed)
         return 0
     if args.command == "unpack":
-        from .convert import unpack
+        from .packing import unpack
 
         ur = unpack(args.src, args.dst, dtype=args.dtype, max_shard_size=args.max_shard_size, force=args.force,
                     progress=_progress(args), max_bytes=_max_bytes(args.max_bytes))
@@ -353,14 +293,15 @@ def _run(args: argparse.Namespace) -> int:
     raise AssertionError(f"unknown command {args.command!r}")  # argparse rejects it first
 
 
-def _card_args(args: argparse.Namespace) -> dict[str, object]:
-    return {"base_model": args.base_model, "quality_note": args.quality_note, "remote_code": args.remote_code,
-            "push_to_hub": args.push_to_hub, "token": args.token}
-
-
 #: Library messages name keyword arguments; on the command line they are flags.
-_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(chunk_rows|max_shard_size|k|bits|bits_embed|embed_weight|calib_tokens|calib|level|threads|dtype|seed)"
-                         r"(?= must\b|=)")
+def _flag_names() -> str:
+    from .packing.options import PackOptions, flag_of
+
+    names = [n for n in PackOptions.model_fields if flag_of(n)] + ["max_shard_size", "dtype", "seed"]
+    return "|".join(sorted(names, key=len, reverse=True))  # longest first: calib_tokens before calib
+
+
+_PY_TO_FLAG = re.compile(r"(?<![\w'.\-])(" + _flag_names() + r")(?= must\b|=| needs\b| does not\b)")
 
 
 def _cli_message(msg: str) -> str:
