@@ -29,8 +29,10 @@ Host memory in flight is bounded: at most ``depth`` pieces are decoded and not y
 `_PIECE_BYTES` each, reused only after their copy and kernel have finished).
 
 Lossless tensors go through the same stages, chunk by chunk, with ``reader.decode_chunk`` (the
-canonical decoder) on the host and a plain copy instead of a rebuild. Aliases come back as the
-same tensor object as their target.
+canonical decoder) on the host and a plain copy instead of a rebuild; with ``dtype`` each chunk
+is converted as it is written (on the CPU from the worker's decoded chunk, on a device after
+the copy), so no tensor is ever whole in two dtypes. Aliases come back as the same tensor object
+as their target.
 
 Requirements on ``reader`` (a `wcfmt.reader.WclustReader` meets them): ``header.tensors``
 (name -> `ClusteredEntry` / `LosslessEntry` / `AliasEntry`), ``read_labels(name, i, scratch=)``
@@ -57,7 +59,7 @@ import torch
 from ..ordered_pool import bounded_map
 from ..codecs.bitpack import packed_size
 from ..codecs.entropy import Scratch
-from ..dtypes import from_numpy, to_numpy, torch_dtype
+from ..dtypes import from_numpy, itemsize, to_numpy, torch_dtype
 from ..errors import UsageError
 from ..schema import AliasEntry, ClusteredEntry, LosslessEntry, chunk_row_ranges, rows_and_row_size
 from .backend import ChunkSpec, default_backend
@@ -97,8 +99,9 @@ def load_tensors(
     ``"numpy"`` (CPU only), ``"torch"`` or ``"triton"``.
 
     ``into`` maps names to existing tensors (a model's parameters) that receive the values in
-    place, when one can: same shape, contiguous, on ``device``, with the stored dtype (lossless)
-    or any floating dtype (clustered, rebuilt from converted tables), on the numpy backend. The
+    place, when one can: same shape, contiguous, on ``device``, with the stored dtype (integer
+    and bool tensors) or any floating dtype (floating tensors: clustered ones rebuilt from
+    converted tables, lossless ones converted chunk by chunk), on the numpy backend. The
     tensor returned for such a name is that tensor; for the others a new one, as without
     ``into``. No fresh memory is touched for them, so no page faults: what `wcfmt.load_model`
     uses.
@@ -148,7 +151,7 @@ def load_tensors(
     else:
         _run_device(reader, outs, dev, nthreads, chosen)
 
-    done = {n: o.finish(dtype) for n, o in outs.items()}
+    done = {n: o.finish() for n, o in outs.items()}
     return {n: done[tensors[n].target if isinstance(tensors[n], AliasEntry) else n] for n in wanted}
 
 
@@ -159,10 +162,16 @@ class _Output:
 
     name: str
     entry: ClusteredEntry | LosslessEntry
-    tensor: torch.Tensor  # flat; clustered: final dtype; lossless: stored dtype (cast in finish)
+    tensor: torch.Tensor  # flat, in the final dtype (no second, stored-dtype copy of the tensor)
     ranges: list[tuple[int, int]]  # element [start, stop) of each chunk
     value_dtype: torch.dtype  # the dtype values are written in
     in_place: bool = False  # ``tensor`` is a caller's tensor (`load_tensors(into=)`), kept as it is
+
+    @property
+    def cast(self) -> bool:
+        """A lossless tensor written in another dtype than stored: each decoded chunk is
+        converted (as ``Tensor.to``) into its slice of the output."""
+        return isinstance(self.entry, LosslessEntry) and self.value_dtype != torch_dtype(self.entry.dtype)
 
     @staticmethod
     def make(
@@ -174,8 +183,8 @@ class _Output:
         rows, row_size = rows_and_row_size(e.shape)
         stored = torch_dtype(e.dtype)
         value = stored
-        if isinstance(e, ClusteredEntry) and dtype is not None and stored.is_floating_point:
-            value = dtype
+        if dtype is not None and stored.is_floating_point:
+            value = dtype  # clustered: converted tables; lossless: each chunk converted as it lands
         rows_per = [] if rows * row_size == 0 else chunk_row_ranges(rows, e.chunk_rows)
         ranges = [(a * row_size, b * row_size) for a, b in rows_per]
         if dest is not None and _fits(dest, e, dev, stored, dtype):
@@ -183,13 +192,8 @@ class _Output:
         flat = torch.empty(rows * row_size, dtype=value, device=dev)
         return _Output(name, e, flat, ranges, value)
 
-    def finish(self, dtype: torch.dtype | None) -> torch.Tensor:
-        if self.in_place:
-            return self.tensor.view(self.entry.shape)
-        t = self.tensor.reshape(self.entry.shape)
-        if dtype is not None and t.dtype != dtype and t.dtype.is_floating_point:
-            t = t.to(dtype)
-        return t
+    def finish(self) -> torch.Tensor:
+        return self.tensor.view(self.entry.shape)  # already in its final dtype: no cast, no copy
 
     def table(self, reader: Any, chunk: int) -> np.ndarray:
         """The chunk's centroids in the storage form of the dtype values are written in."""
@@ -234,8 +238,8 @@ def _fits(
         return False
     if tuple(dest.shape) != tuple(e.shape) or not dest.is_contiguous():
         return False
-    if isinstance(e, ClusteredEntry):
-        return dest.dtype.is_floating_point and stored.is_floating_point
+    if stored.is_floating_point:  # converted on the way in (tables, or each lossless chunk)
+        return dest.dtype.is_floating_point
     return dest.dtype == stored
 
 
@@ -265,7 +269,7 @@ def _staged_bytes(out: _Output, chunk: int) -> int:
         c = e.chunks[chunk]
         width = out.tensor.element_size()
         return packed_size(b - a, c.label_bits) + c.k * width + 5 * 8 + 2 * _ALIGN
-    return (b - a) * out.tensor.element_size()
+    return (b - a) * itemsize(e.dtype)  # staged as stored; a cast happens on the device
 
 
 def _pieces(outs: Iterable[_Output], budget: int) -> list[_Piece]:
@@ -308,6 +312,9 @@ def _run_cpu(reader: Any, outs: dict[str, _Output], threads: int) -> None:
                 # read_labels checked every label < K: the pair tables may skip the check.
                 bits = out.entry.chunks[i].label_bits
                 rebuild_chunk_fast(packed, bits, b - a, table, out=dst, checked=True, lut=lut)
+            elif out.cast:  # one chunk in the stored dtype at a time, never the whole tensor
+                values = reader.decode_chunk(out.name, i, scratch=scratch)
+                out.tensor[a:b].copy_(from_numpy(values, out.entry.dtype))
             else:
                 reader.decode_chunk(out.name, i, out=dst, scratch=scratch)
 
@@ -418,7 +425,11 @@ def _run_device(reader: Any, outs: dict[str, _Output], dev: torch.device, thread
     def launch(p: _Piece, slot: _Slot, st: _Staged) -> None:
         out = p.out
         with slot.context():
-            if not p.clustered:
+            if not p.clustered and out.cast:  # stored values cross as they are, converted on the device
+                buf = slot.device_buf[: st.used]
+                buf.copy_(slot.host[: st.used], non_blocking=True)
+                out.tensor[p.start : p.stop].copy_(buf.view(torch_dtype(out.entry.dtype)))
+            elif not p.clustered:
                 width = out.tensor.element_size()
                 dst = out.tensor.view(torch.uint8)[p.start * width : p.stop * width]
                 dst.copy_(slot.host[: st.used], non_blocking=True)
