@@ -358,3 +358,94 @@ def test_wrong_types_stay_errors_when_lenient() -> None:
     for path, value in [("tensors.b.dtype", 7), ("tensors.w.chunks.1.labels.encoding", None), ("tensors.b.transform", [])]:
         with pytest.raises(ValueError):
             _parse(_mutated(path, value), lenient=True)
+
+
+# -- spec 1.0.2: what a newer-minor reader still validates (§3.4, §10) ----------------------------
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("tensors.b.dtype", "F4_E2M1", None),  # an unknown dtype: plane count and size unchecked
+        ("tensors.b.chunks.1.planes.0.encoding", "lz4", None),
+    ],
+)
+def test_unknown_value_entry_keeps_its_blobs(path: str, value: str, match: None) -> None:
+    """A known codec with an unknown dtype, transform or encoding: its blobs are still listed for
+    the range and overlap checks (spec §9.4 step 4)."""
+    got = _parse(_mutated(path, value), lenient=True)
+    assert "b" in got.unsupported
+    assert len(got.unsupported_blobs) == 2 * 4  # two chunks of four F32 planes
+
+
+def test_unknown_dtype_skips_only_the_rules_that_need_it() -> None:
+    h = _mutated("tensors.b.dtype", "F4_E2M1")
+    h["tensors"]["b"]["chunks"][0]["planes"].pop()  # a plane count only the dtype's size could check
+    assert "b" in _parse(h, lenient=True).unsupported
+    for path, value, match in [
+        ("tensors.b.chunk_rows", 0, "chunk_rows"),
+        ("tensors.b.chunks.1.planes.0.offset", 65, "offset"),
+        ("tensors.b.chunks.1.planes.0.length", 2**63, "length"),
+        ("tensors.b.shape", [3, -2], "shape"),
+    ]:
+        bad = _mutated("tensors.b.dtype", "F4_E2M1")
+        bad = _set(bad, path, value)
+        with pytest.raises(ValueError, match=match):
+            _parse(bad, lenient=True)
+
+
+def test_unknown_centroid_encoding_skips_the_2k_length() -> None:
+    h = _mutated("tensors.w.chunks.1.centroids.encoding", "brotli")
+    h["tensors"]["w"]["chunks"][1]["centroids"]["length"] = 5
+    got = _parse(h, lenient=True)
+    assert got.unsupported == {"w": "encoding 'brotli'", "tied": "encoding 'brotli'"}
+    h["tensors"]["w"]["chunks"][1]["centroids"]["encoding"] = "zstd"  # known: the rule applies
+    with pytest.raises(ValueError, match="2\\*k"):
+        _parse(h, lenient=True)
+
+
+def test_unknown_codec_entry_needs_dtype_shape_codec() -> None:
+    for drop in ("dtype", "shape"):
+        h = _good()
+        h["tensors"]["q"] = {"dtype": "BF16", "shape": [2], "codec": "vq", "anything": None}
+        del h["tensors"]["q"][drop]
+        with pytest.raises(ValueError, match=drop):
+            _parse(h, lenient=True)
+    h = _good()
+    h["tensors"]["q"] = {"dtype": "BF16", "shape": [2], "codec": "vq", "anything": None, "big": [1e308]}
+    got = _parse(h, lenient=True)
+    assert got.unsupported == {"q": "codec 'vq'"} and got.unsupported_blobs == []
+    h["tensors"]["q_tied"] = _alias("q", [3], "BF16")  # compared with its target although unknown
+    with pytest.raises(ValueError, match="alias"):
+        _parse(h, lenient=True)
+
+
+def test_value_rules_only_in_known_fields() -> None:
+    """§3.4's value rules (null, finite numbers, lone surrogates) reach known fields only; §3.3's
+    (syntax, NaN and Infinity literals, duplicate keys) every byte of the header."""
+    text = json.dumps(_good())
+    ignored = text.replace('{"producer"', '{"future": [1e400, -1e999, 1%s, null, "\\ud800"], "producer"' % ("0" * 400), 1)
+    _parse(ignored, lenient=True)
+    with pytest.raises(ValueError):
+        _parse(ignored)  # unknown in the reader's own minor
+    w = '"codec": "clustered", '
+    assert text.count(w) == 1
+    # each passes every other rule: quality values are numbers, metadata values strings, and
+    # quality is optional (its null is refused by §3.4 alone)
+    for known in [text.replace(w, w + f'"quality": {{"q": {n}}}, ', 1) for n in ("1e400", "1" + "0" * 400, "9" * 5000)] + [
+        text.replace(w, w + '"quality": null, ', 1), text.replace('"a": "b"', '"a": "\\ud800"', 1),
+    ]:  # fmt: skip
+        with pytest.raises(ValueError):
+            _parse(known, lenient=True)
+        assert "ud800" in known or "quality" in known
+    _parse(text.replace(w, w + '"quality": {"q": 1e300}, ', 1), lenient=True)  # the same place, finite
+    for bad in ('{"future": [NaN], "producer"', '{"future": {"a": 1, "\\u0061": 2}, "producer"'):
+        with pytest.raises(ValueError):
+            _parse(text.replace('{"producer"', bad, 1), lenient=True)
+
+
+def _set(h: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    node: Any = h
+    keys = [int(k) if k.isdigit() else k for k in path.split(".")]
+    for k in keys[:-1]:
+        node = node[k]
+    node[keys[-1]] = value
+    return h

@@ -340,7 +340,299 @@ def edge_vectors(fault_base: bytes) -> dict[str, bytes]:
                                                                   "encoding": "raw", "crc32": crc(b"\x00\x3c")}}]}  # fmt: skip
     z_ref["offset"] = len(z.data)  # the data end: exactly header_offset
     out["edge_cases"] = z.build()
+    # minor 1: §3.4's value rules do not reach the fields a reader ignores (§3.4, §10): numbers
+    # beyond binary64 (1e400, -1e999, an integer of 400 digits), 40.0 and 4e1, null. Lone
+    # surrogates and integers of more than 4300 digits there are ignored too, but no valid vector
+    # holds them: tests/test_fuzz.py seeds from every valid vector and reads and rewrites headers
+    # with Python's json, which refuses the one and cannot write the other as UTF-8.
+    d = Draft(fault_base)
+    d.minor = 1
+    marks = {"@big@": "1e400", "@int400@": "1" + "0" * 399, "@float_int@": "40.0", "@exp_int@": "4e1",
+             "@neg_big@": "-1e999"}  # fmt: skip
+    d.header["future_top"] = {"big": "@big@", "int400": "@int400@", "float_int": "@float_int@", "exp_int": "@exp_int@",
+                              "null": None}  # fmt: skip
+    d.header["settings"]["future_setting"] = "@big@"
+    d.header["tensors"]["up"]["future_scale"] = "@neg_big@"
+    d.header["tensors"]["up"]["chunks"][0]["labels"]["future_blob"] = "@float_int@"
+    d.header["tensors"]["ids"]["chunks"][0]["future_chunk"] = ["@int400@", None]
+    text = compact(d.header).decode()
+    for mark, literal in marks.items():
+        text = text.replace(f'"{mark}"', literal)
+    out["minor_1_ignored_values"] = d.build(text.encode())
     return out
+
+
+# -- hand-built files (spec 1.0.2: features no writer-made vector shows) -----------------------------
+# Frames here are written byte by byte from RFC 8878 §3.1.1 (frame header, block headers, the
+# optional Content_Checksum), so that they hold what python-zstandard never writes for small
+# inputs: several blocks in one frame, RLE blocks, a Window_Descriptor, a content checksum, 4- and
+# 8-byte Frame_Content_Size fields, the Unused_bit set. Raw and RLE blocks are built here; a
+# Compressed block is taken from a frame libzstd made of the same bytes (its first and only block,
+# which refers to nothing before it, so it decodes the same after other blocks).
+ZSTD_FRAME_MAGIC = struct.pack("<I", 0xFD2FB528)
+_P64 = (0x9E3779B185EBCA87, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x85EBCA77C2B2AE63, 0x27D4EB2F165667C5)
+_M64 = (1 << 64) - 1
+
+
+def xxh64(data: bytes, seed: int = 0) -> int:
+    """XXH64 (the hash of zstd's Content_Checksum, RFC 8878 §3.1.1), written from its
+    specification; checked against libzstd's checksum in `hand_frame`."""
+    p1, p2, p3, p4, p5 = _P64
+    rotl = lambda x, r: ((x << r) | (x >> (64 - r))) & _M64  # noqa: E731
+
+    def rnd(acc: int, lane: int) -> int:
+        return (rotl((acc + lane * p2) & _M64, 31) * p1) & _M64
+
+    n, i = len(data), 0
+    if n >= 32:
+        v = [(seed + p1 + p2) & _M64, (seed + p2) & _M64, seed, (seed - p1) & _M64]
+        while i + 32 <= n:
+            for j in range(4):
+                v[j] = rnd(v[j], int.from_bytes(data[i + 8 * j : i + 8 * j + 8], "little"))
+            i += 32
+        h = (rotl(v[0], 1) + rotl(v[1], 7) + rotl(v[2], 12) + rotl(v[3], 18)) & _M64
+        for x in v:
+            h = (((h ^ rnd(0, x)) * p1) + p4) & _M64
+    else:
+        h = (seed + p5) & _M64
+    h = (h + n) & _M64
+    while i + 8 <= n:
+        h = ((rotl(h ^ rnd(0, int.from_bytes(data[i : i + 8], "little")), 27) * p1) + p4) & _M64
+        i += 8
+    if i + 4 <= n:
+        h = ((rotl(h ^ (int.from_bytes(data[i : i + 4], "little") * p1) & _M64, 23) * p2) + p3) & _M64
+        i += 4
+    while i < n:
+        h = (rotl(h ^ (data[i] * p5) & _M64, 11) * p1) & _M64
+        i += 1
+    h ^= h >> 33
+    h = (h * p2) & _M64
+    h ^= h >> 29
+    h = (h * p3) & _M64
+    return h ^ (h >> 32)
+
+
+def block_header(last: bool, kind: int, size: int) -> bytes:
+    """Last_Block (bit 0), Block_Type (bits 1-2: 0 raw, 1 RLE, 2 compressed, 3 reserved), Block_Size."""
+    return (int(last) | kind << 1 | size << 3).to_bytes(3, "little")
+
+
+def compressed_block(data: bytes) -> bytes:
+    """The Compressed block (header and body) libzstd writes for ``data`` alone, Last_Block clear."""
+    frame = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=False).compress(data)
+    pos = zstandard.frame_header_size(frame)
+    head = int.from_bytes(frame[pos : pos + 3], "little")
+    assert (head >> 1) & 3 == 2 and head & 1 and pos + 3 + (head >> 3) == len(frame), "not one compressed block"
+    return block_header(False, 2, head >> 3) + frame[pos + 3 :]
+
+
+def hand_frame(content: bytes, blocks: list[tuple[str, int]], *, fcs_bytes: int, window_log: int | None = None,
+               checksum: bool = False, unused_bit: bool = False) -> bytes:  # fmt: skip
+    """One zstd frame of ``content``, cut into ``blocks`` (kind "raw", "rle" or "compressed",
+    number of content bytes). ``window_log`` writes a Window_Descriptor (Single_Segment_flag 0);
+    without it the frame is single-segment. ``fcs_bytes`` is the Frame_Content_Size field's size."""
+    single = window_log is None
+    fcs_flag = {1: 0, 2: 1, 4: 2, 8: 3}[fcs_bytes]
+    assert fcs_bytes != 1 or single, "a 1-byte content size exists only in single-segment frames"
+    fhd = fcs_flag << 6 | int(single) << 5 | int(unused_bit) << 4 | int(checksum) << 2  # reserved bit, DID: 0
+    out = ZSTD_FRAME_MAGIC + bytes([fhd])
+    if not single:
+        out += bytes([(window_log - 10) << 3])  # Exponent, Mantissa 0: a window of 2^window_log bytes
+    out += (len(content) - (256 if fcs_bytes == 2 else 0)).to_bytes(fcs_bytes, "little")
+    pos = 0
+    for i, (kind, n) in enumerate(blocks):
+        part, last = content[pos : pos + n], i == len(blocks) - 1
+        if kind == "raw":
+            out += block_header(last, 0, n) + part
+        elif kind == "rle":
+            assert part == part[:1] * n
+            out += block_header(last, 1, n) + part[:1]
+        else:
+            b = compressed_block(part)
+            out += block_header(last, 2, len(b) - 3) + b[3:]
+        pos += n
+    assert pos == len(content)
+    if checksum:  # the low 4 bytes of XXH64(content), little-endian
+        out += (xxh64(content) & 0xFFFFFFFF).to_bytes(4, "little")
+        lib = zstandard.ZstdCompressor(write_checksum=True, write_content_size=True).compress(content)[-4:]
+        assert out[-4:] == lib, "xxh64 differs from libzstd's"
+    assert zstandard.ZstdDecompressor().decompress(out, max_output_size=len(content) or 1) == content or not content
+    return out
+
+
+def walk_blocks(frame: bytes) -> list[int]:
+    """Block_Type of every block of a frame (for the asserts below; spec §7.1 rule 5)."""
+    fhd = frame[4]
+    pos = 5 + (0 if fhd & 0x20 else 1) + {0: 1 if fhd & 0x20 else 0, 1: 2, 2: 4, 3: 8}[fhd >> 6]
+    kinds = []
+    while True:
+        head = int.from_bytes(frame[pos : pos + 3], "little")
+        kinds.append((head >> 1) & 3)
+        pos += 3 + (1 if (head >> 1) & 3 == 1 else head >> 3)
+        if head & 1:
+            return kinds
+
+
+def _planes(values: np.ndarray, transform: str = "byte_planes") -> list[bytes]:
+    """The byte planes of a chunk's elements (spec §6.2), plane 0 the most significant byte."""
+    size = values.dtype.itemsize
+    words = values.reshape(-1).view(f"<u{size}").astype(np.uint64)
+    if transform == "float_planes":
+        words = ((words << np.uint64(1)) | (words >> np.uint64(8 * size - 1))) & np.uint64((1 << (8 * size)) - 1)
+    return [((words >> np.uint64(8 * (size - 1 - p))) & np.uint64(0xFF)).astype(np.uint8).tobytes() for p in range(size)]
+
+
+class Hand:
+    """A file assembled blob by blob; `place` appends the stored blobs in any order."""
+
+    def __init__(self, producer: str = "wcfmt conformance vectors", minor: int = 0) -> None:
+        self.header: dict[str, Any] = {"producer": producer, "tensors": {}}
+        self.minor = minor
+        self.pending: list[tuple[dict[str, Any], bytes]] = []
+
+    def blob(self, stored: bytes, encoding: str) -> dict[str, Any]:
+        ref = {"offset": -1, "length": len(stored), "encoding": encoding, "crc32": crc(stored)}
+        self.pending.append((ref, stored))
+        return ref
+
+    def lossless(self, name: str, values: np.ndarray, dtype: str, chunk_rows: int,
+                 store: Callable[[int, int, bytes], tuple[bytes, str]], transform: str = "byte_planes") -> None:  # fmt: skip
+        """A lossless tensor; ``store(chunk, plane, decoded) -> (stored, encoding)`` picks each blob."""
+        rows, row = (values.shape[0], int(np.prod(values.shape[1:]))) if values.ndim else (1, 1)
+        flat = values.reshape(-1)
+        chunks = []
+        for i, a in enumerate(range(0, rows if flat.size else 0, chunk_rows)):
+            part = flat[a * row : min(a + chunk_rows, rows) * row]
+            chunks.append({"planes": [self.blob(*store(i, p, plane)) for p, plane in enumerate(_planes(part, transform))]})
+        self.header["tensors"][name] = {"dtype": dtype, "shape": list(values.shape), "codec": "lossless",
+                                        "transform": transform, "chunk_rows": chunk_rows, "chunks": chunks}  # fmt: skip
+
+    def clustered(self, name: str, dtype: str, shape: list[int], chunk_rows: int,
+                  chunks: list[tuple[list[float], list[int]]]) -> None:  # fmt: skip
+        """A clustered tensor from (table, labels) per chunk; labels packed here (spec §5.3), stored raw."""
+        out = []
+        for table, labels in chunks:
+            k = len(table)
+            w = 0 if k == 1 else next(b for b in (1, 2, 4, 8) if 2**b >= k)
+            packed = bytearray(-(-len(labels) * w // 8))
+            for j, lab in enumerate(labels if w else []):
+                packed[j * w // 8] |= lab << (j * w % 8)
+            out.append({"k": k, "label_bits": w, "centroids": self.blob(np.array(table, "<f2").tobytes(), "raw"),
+                        "labels": self.blob(bytes(packed), "raw")})  # fmt: skip
+        self.header["tensors"][name] = {"dtype": dtype, "shape": shape, "codec": "clustered", "chunk_rows": chunk_rows,
+                                        "chunks": out}  # fmt: skip
+
+    def build(self, order: Callable[[list[int]], list[int]] = lambda idx: idx, header_text: bytes | None = None) -> bytes:
+        """Place the blobs in ``order`` (of their creation indices), then the header and preamble."""
+        d = Draft.__new__(Draft)
+        d.magic, d.major, d.minor, d.flags = MAGIC, 1, self.minor, 0
+        d.data, d.header = bytearray(64), self.header
+        for i in order(list(range(len(self.pending)))):
+            ref, stored = self.pending[i]
+            ref["offset"] = d.append(stored) if stored else len(d.data) + (-len(d.data) % 64)
+        return d.build(header_text)
+
+
+def hand_vectors() -> tuple[dict[str, bytes], dict[str, dict[str, bytes]]]:
+    """Valid files built here, with the values each tensor must decode to (checked in `write_all`
+    against the reference decoder: two paths to the same bytes)."""
+    files: dict[str, bytes] = {}
+    want: dict[str, dict[str, bytes]] = {}
+    g = np.random.default_rng(102)
+
+    # zstd frames of every shape §7.1 allows, in U32 and U64 tensors; blobs in reverse header order
+    h = Hand()
+    # bytes 0..3 of each element are 0, 3b, 5b, 7b for b < 8 (plane 0 all zero, the others 3 bits of
+    # entropy, so libzstd writes compressed blocks); a run of 0x01020304 opens chunk 1 (RLE blocks)
+    u32 = (g.integers(0, 8, size=(4, 150)) * 0x00030507).astype("<u4")
+    u32[2, :40] = 0x01020304
+    lib10 = zstandard.ZstdCompressor(compression_params=zstandard.ZstdCompressionParameters(
+        window_log=10, strategy=zstandard.STRATEGY_FAST, write_content_size=True, write_checksum=True,
+        write_dict_id=False))  # fmt: skip
+
+    def u32_store(chunk: int, plane: int, data: bytes) -> tuple[bytes, str]:
+        n = len(data)
+        assert n == 300
+        frames = {
+            (0, 0): lambda: hand_frame(data, [("rle", n)], fcs_bytes=2),  # one RLE block, 2-byte size (n - 256)
+            (0, 1): lambda: hand_frame(data, [("raw", 100), ("compressed", 150), ("raw", 50)], fcs_bytes=4),
+            (0, 2): lambda: hand_frame(data, [("raw", 100), ("raw", 100), ("raw", 100)], fcs_bytes=2, window_log=10,
+                                       checksum=True),  # fmt: skip
+            (0, 3): lambda: hand_frame(data, [("compressed", n)], fcs_bytes=8, unused_bit=True),
+            (1, 0): lambda: hand_frame(data, [("rle", 40), ("rle", 260)], fcs_bytes=8, window_log=10),
+            (1, 1): lambda: hand_frame(data, [("rle", 40), ("raw", 260)], fcs_bytes=4),
+        }
+        if (chunk, plane) in frames:
+            return frames[(chunk, plane)](), "zstd"
+        return data, "raw"
+
+    h.lossless("u32_frames", u32, "U32", 2, u32_store)
+    # the extremes, then a period of 50 (byte b in bytes 0..6), so that libzstd's matches reach back
+    # across a block boundary
+    u64 = np.concatenate([np.array([0, 1, 2**63, 2**64 - 1, 0x0102030405060708], "<u8"),
+                          np.tile(np.arange(50, dtype="<u8") * np.uint64(0x01010101010101), 30)[:1495]])  # fmt: skip
+    assert u64.size == 1500
+
+    def u64_store(chunk: int, plane: int, data: bytes) -> tuple[bytes, str]:
+        if plane == 1:  # libzstd, 1 KiB window: a Window_Descriptor, several blocks, a checksum
+            frame = lib10.compress(data)
+            assert not frame[4] & 0x20 and len(walk_blocks(frame)) >= 2 and frame[4] & 0x04, "not multi-block"
+            return frame, "zstd"
+        if plane == 7:
+            return hand_frame(data, [("raw", 1000), ("raw", 500)], fcs_bytes=4, window_log=10, checksum=True), "zstd"
+        return data, "raw"
+
+    h.lossless("u64_frames", u64, "U64", 1500, u64_store)
+    files["zstd_frames"] = h.build(order=lambda idx: idx[::-1])
+    want["zstd_frames"] = {"u32_frames": u32.tobytes(), "u64_frames": u64.tobytes()}
+
+    # clustered scalars and zero-element clustered tensors; a producer of 256 code points and
+    # 1,021 bytes (511 UTF-16 units); settings integers beyond 2^63 (any integer §3.4 allows)
+    h = Hand(producer="\U0001d11e" * 255 + "x")
+    h.header["settings"] = {"k": 10**300, "level": -7}
+    h.clustered("scalar_f32", "F32", [], 1, [([-1.5, 0.25, 3.0], [2])])
+    h.clustered("scalar_bf16_k1", "BF16", [], 4, [([1 / 3], [0])])
+    h.clustered("empty_rows", "F16", [0, 5], 4, [])
+    h.clustered("empty_cols", "BF16", [3, 0], 1, [])
+    h.clustered("f16_after_empty", "F16", [2, 3], 1, [([-2.0, 0.5], [1, 0, 1]), ([7.0, 8.0, 9.0, 10.0, 11.0], [4, 0, 2])])
+    files["clustered_edges"] = h.build()
+    third = np.array(1 / 3, "<f2").astype("<f4").view("<u4")  # fp16 0x3555 widened: 0x3EAAA000
+    assert int(third) == 0x3EAAA000
+    want["clustered_edges"] = {
+        "scalar_f32": np.array(3.0, "<f4").tobytes(),
+        "scalar_bf16_k1": struct.pack("<H", 0x3EAB),  # 0x3EAA, rounded up: the low half 0xA000 > 0x8000
+        "empty_rows": b"", "empty_cols": b"",
+        "f16_after_empty": np.array([0.5, -2.0, 0.5, 11.0, 7.0, 9.0], "<f2").tobytes(),
+    }  # fmt: skip
+
+    # a sharded model (spec §8): an index and two shards
+    shards: dict[str, Hand] = {"model-00001-of-00002.wclust": Hand(), "model-00002-of-00002.wclust": Hand()}
+    raw = lambda c, p, d: (d, "raw")  # noqa: E731
+    emb = (np.arange(24, dtype="<u2").reshape(4, 6) * 0x0101 + 0x3C00).astype("<u2")  # BF16 bit patterns
+    norm = np.linspace(0.5, 1.5, 6).astype("<f4")
+    a = shards["model-00001-of-00002.wclust"]
+    a.lossless("model.embed_tokens.weight", emb, "BF16", 4, raw, transform="float_planes")
+    a.clustered("model.layers.0.mlp.down_proj.weight", "F16", [2, 4], 2, [([-0.125, 0.125], [0, 1, 1, 0, 1, 1, 1, 0])])
+    b = shards["model-00002-of-00002.wclust"]
+    b.clustered("model.layers.1.mlp.down_proj.weight", "BF16", [3, 2], 3, [([-1.0, 0.0, 1.0, 2.0], [3, 2, 1, 0, 1, 2])])
+    b.lossless("model.norm.weight", norm, "F32", 6, raw, transform="float_planes")
+    weight_map = {n: f for f, s in shards.items() for n in s.header["tensors"]}
+    sizes = {"BF16": 2, "F16": 2, "F32": 4}
+    total = sum(int(np.prod(e["shape"])) * sizes[e["dtype"]] for s in shards.values() for e in s.header["tensors"].values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    for f, s in shards.items():
+        files[f"sharded/{f}"] = s.build()
+    files["sharded/model.wclust.index.json"] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    want["sharded/model-00001-of-00002.wclust"] = {
+        "model.embed_tokens.weight": emb.tobytes(),
+        "model.layers.0.mlp.down_proj.weight": np.array([-0.125, 0.125, 0.125, -0.125, 0.125, 0.125, 0.125, -0.125], "<f2").tobytes(),
+    }  # fmt: skip
+    want["sharded/model-00002-of-00002.wclust"] = {
+        # BF16 of the fp16 values 2, 1, 0, -1, 0, 1: exact, so the upper halves of their float32
+        "model.layers.1.mlp.down_proj.weight": struct.pack("<6H", 0x4000, 0x3F80, 0x0000, 0xBF80, 0x0000, 0x3F80),
+        "model.norm.weight": norm.tobytes(),
+    }  # fmt: skip
+    return files, want
 
 
 # -- invalid vectors --------------------------------------------------------------------------------
@@ -368,20 +660,26 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
     def raw_fault(name: str, bad: bytes, err: str, rule: str, also: list[str] | None = None) -> None:
         out[name] = (bad, err, rule, _splice_restore(bad, base), also or [])
 
-    def header_text(name: str, bad_text: bytes, err: str, rule: str) -> None:
-        out[name] = (B.build(bad_text), err, rule, [["header", text]], [])
+    def header_text(name: str, bad_text: bytes, err: str, rule: str, minor: int | None = None) -> None:
+        d = B.copy()
+        if minor is not None:
+            d.minor = minor
+        out[name] = (d.build(bad_text), err, rule, [["header", text]], [])
 
     def header_edit(name: str, mutate: Callable[[dict[str, Any]], None], err: str, rule: str,
-                    repair: list[list[Any]], minor: int | None = None) -> None:  # fmt: skip
+                    repair: list[list[Any]], minor: int | None = None, also: list[str] | None = None) -> None:  # fmt: skip
         d = B.copy()
         mutate(d.header)
         if minor is not None:
             d.minor = minor
-        out[name] = (d.build(), err, rule, repair, [])
+        out[name] = (d.build(), err, rule, repair, also or [])
 
-    def blob_edit(name: str, edit: Callable[[Draft], None], err: str, rule: str, also: list[str] | None = None) -> None:
+    def blob_edit(name: str, edit: Callable[[Draft], None], err: str, rule: str, also: list[str] | None = None,
+                  minor: int | None = None) -> None:  # fmt: skip
         d = B.copy()
         edit(d)
+        if minor is not None:
+            d.minor = minor
         bad = d.build()
         # Repair: put the original bytes of the data section and the original header back.
         fix = _splice_restore(bad[:h_off], base[:h_off]) if bad[:h_off] != base[:h_off] else []
@@ -399,8 +697,10 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
     raw_fault("header_too_large", base[:24] + struct.pack("<Q", 104_857_601) + base[32:], "FormatError",
               "§3.1 header_length <= 104,857,600", ["§3.1 size equation (a single-fault file is > 100 MiB; "
               "tests/test_vectors.py builds one, sparse)"])  # fmt: skip
-    raw_fault("header_offset_below_64", base[:16] + struct.pack("<Q", 0) + base[24:], "FormatError",
-              "§3.1 header_offset >= 64", ["§3.1 size equation"])
+    # header_offset 0 with header_length the file size keeps the size equation: the header would
+    # be the whole file, whose CRC is not the one stored (checked later, §9.4 step 2)
+    raw_fault("header_offset_below_64", base[:16] + struct.pack("<QQ", 0, len(base)) + base[32:], "FormatError",
+              "§3.1 header_offset >= 64", ["§3.3 header_crc32 (the whole file taken as the header)"])
     unaligned = base[:16] + struct.pack("<Q", h_off + 8) + base[24:h_off] + bytes(8) + base[h_off:]
     raw_fault("header_offset_unaligned", unaligned, "FormatError", "§3.1 header_offset is a multiple of 64")
     raw_fault("truncated_data", base[: h_off - 8], "FormatError", "§3.1 size equation (truncated)")
@@ -595,8 +895,9 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
     # §7.1 raw and zstd blobs
     blob_edit("raw_length_wrong", lambda d: d.set_blob(d.ref("up", 0, "labels"), d.stored(d.ref("up", 0, "labels")) + b"\x00"),
               "FormatError", "§7.1 raw length = decoded size")
-    blob_edit("raw_plane_length_wrong", lambda d: d.set_blob(d.ref("ids", 0, 0), d.stored(d.ref("ids", 0, 0))[:-1]),
-              "FormatError", "§7.1 raw length = decoded size")
+    assert B.ref("ids", 0, 1)["encoding"] == "raw"  # a lossless plane stored raw: one byte too many
+    blob_edit("raw_plane_length_wrong", lambda d: d.set_blob(d.ref("ids", 0, 1), d.stored(d.ref("ids", 0, 1)) + b"\x00"),
+              "FormatError", "§7.1 raw length = decoded size (a lossless plane)")
     zref = B.ref("zlab", 0, "labels")
     assert zref["encoding"] == "zstd"
     plane = zstandard.ZstdDecompressor().decompress(B.stored(zref))
@@ -630,7 +931,169 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
         blob_edit(name, lambda d, f=frame: d.set_blob(d.ref("ones", 0, "labels"), f, encoding="zstd"), "FormatError", rule)
     blob_edit("zstd_on_raw_bytes", lambda d: d.ref("up", 0, "labels").update(encoding="zstd"), "FormatError",
               "§7.1 a zstd blob is a zstd frame")
+    _rules_of_1_0_2(B, text, good, plane, zstd_fault, header_text, header_edit, blob_edit, tpath)
     return out
+
+
+def _rules_of_1_0_2(B: Draft, text: str, good: bytes, plane: bytes, zstd_fault: Any, header_text: Any, header_edit: Any,
+                    blob_edit: Any, tpath: Any) -> None:  # fmt: skip
+    """Vectors added in spec 1.0.2: the reader MUSTs no 1.0.1 vector tested (the findings of a
+    second implementation, section C). They register through the helpers of `invalid_sets`."""
+    # §7.1 zstd frames (the `zlab` label plane, 2048 decoded bytes)
+    head = zstandard.frame_header_size(good)
+    zstd_fault("zstd_reserved_fhd_bit", good[:4] + bytes([good[4] | 0x08]) + good[5:],
+               "§7.1 rule 2 the Frame_Header_Descriptor's reserved bit is zero")
+    block = int.from_bytes(good[head : head + 3], "little") | 3 << 1
+    zstd_fault("zstd_reserved_block_type", good[:head] + block.to_bytes(3, "little") + good[head + 3 :],
+               "§7.1 rule 5 no block of the reserved Block_Type 3")
+    assert good[4] == 0x60 and head == 7  # single segment, a 2-byte content size: cut inside it
+    zstd_fault("zstd_header_cut", good[:6], "§7.1 the frame is complete (cut inside its header)")
+    # a Compressed block whose literals section claims 31 raw bytes and holds 1: libzstd reports
+    # corruption; sizes and framing are right, so only decoding finds it (rule 6)
+    corrupt = ZSTD_FRAME_MAGIC + bytes([0x60]) + (len(plane) - 256).to_bytes(2, "little") + block_header(True, 2, 2) + bytes([31 << 3, 0])
+    zstd_fault("zstd_corrupt_block", corrupt, "§7.1 rule 6 the frame decodes")
+    checked = zstandard.ZstdCompressor(level=3, write_content_size=True, write_checksum=True).compress(plane)
+    zstd_fault("zstd_checksum_mismatch", checked[:-1] + bytes([checked[-1] ^ 1]),
+               "§7.1 rule 6 a Content_Checksum that does not match is a failure to decode (FormatError)")
+
+    # §10 unknown values in a requested tensor of a newer minor (VersionError), in one of the
+    # reader's own minor (HeaderError)
+    header_edit("unknown_dtype_requested", lambda h: h["tensors"]["ids"].update(dtype="I4"), "VersionError",
+                "§10 a requested tensor needs an unknown dtype (newer minor)", [["header_set", tpath("ids", "dtype"), "I32"]], minor=1)
+    header_edit("unknown_transform_requested", lambda h: h["tensors"]["ids"].update(transform="delta_planes"),
+                "VersionError", "§10 a requested tensor needs an unknown transform (newer minor)",
+                [["header_set", tpath("ids", "transform"), "byte_planes"]], minor=1)
+    header_edit("unknown_encoding_requested", lambda h: h["tensors"]["ids"]["chunks"][0]["planes"][1].update(encoding="brotli"),
+                "VersionError", "§10 a requested tensor needs an unknown encoding (newer minor)",
+                [["header_set", tpath("ids", "chunks", 0, "planes", 1, "encoding"), "raw"]], minor=1)
+    header_edit("unknown_transform_minor_0", lambda h: h["tensors"]["ids"].update(transform="delta_planes"), "HeaderError",
+                "§6.1/§10 transform, own minor", [["header_set", tpath("ids", "transform"), "byte_planes"]])
+    header_edit("unknown_encoding_minor_0", lambda h: h["tensors"]["ids"]["chunks"][0]["planes"][1].update(encoding="brotli"),
+                "HeaderError", "§4.4/§10 encoding, own minor",
+                [["header_set", tpath("ids", "chunks", 0, "planes", 1, "encoding"), "raw"]])
+    header_edit("alias_of_unknown_codec", lambda h: h["tensors"]["embed"].update(codec="vq"), "VersionError",
+                "§10 an alias whose target needs an unknown codec needs it too",
+                [["header_set", tpath("embed", "codec"), "lossless"]], minor=1)
+    # a centroid table in an unknown encoding: an unknown value, so its 2*k length is not checked
+    blob_edit("centroids_unknown_encoding", lambda d: d.set_blob(d.ref("up", 0, "centroids"), b"brot", encoding="brotli"),
+              "VersionError", "§5.2/§10 a centroid blob of unknown encoding (newer minor): unknown value, no 2*k check",
+              minor=1)
+    # an unknown codec's fields are not blobs to the reader: nothing in them is placed (§3.2)
+    vq = {"dtype": "F16", "shape": [2], "codec": "vq", "planes": [{"offset": 2**40, "length": 4096, "encoding": "raw", "crc32": 0}],
+          "table": {"offset": 64, "length": 72, "encoding": "raw", "crc32": 0}}  # fmt: skip
+    header_edit("unknown_codec_not_placed", lambda h: h["tensors"].update(vq_w=vq), "VersionError",
+                "§10 an unknown codec's entry takes no part in the range and overlap checks",
+                [["header_del", ["tensors", "vq_w"]]], minor=1)
+    header_edit("unknown_codec_missing_shape", lambda h: h["tensors"].update(vq_w={"dtype": "F16", "codec": "vq"}),
+                "HeaderError", "§10 an unknown codec's entry still has dtype, shape and codec",
+                [["header_del", ["tensors", "vq_w"]]], minor=1,
+                also=["§10 a requested tensor needs an unknown codec (VersionError, §9.4 step 5)"])
+
+    def overlap_unknown_dtype(d: Draft) -> None:
+        d.header["tensors"]["ids"]["dtype"] = "I4"
+        p2, p3 = d.ref("ids", 0, 2), d.ref("ids", 0, 3)
+        d.data[p3["offset"] : p3["offset"] + p3["length"]] = bytes(p3["length"])
+        p3.update(p2)
+
+    blob_edit("unknown_dtype_blobs_placed", overlap_unknown_dtype, "FormatError",
+              "§9.4 step 4/§10 the blobs of a known codec with an unknown dtype are range- and overlap-checked",
+              ["§10 a requested tensor needs an unknown dtype (VersionError, §9.4 step 5)"], minor=1)
+
+    def version_first(d: Draft) -> None:
+        d.header["tensors"]["vq_w"] = {"dtype": "F16", "shape": [2], "codec": "vq"}
+        ref = d.ref("up", 0, "labels")
+        ref["crc32"] ^= 1
+
+    blob_edit("version_before_blob_checks", version_first, "VersionError",
+              "§9.4 step 5 (unknown values of every requested tensor) before step 6 (blobs)",
+              ["§7.3 blob crc32 (§9.4 step 6)"], minor=1)
+
+    # §3.3/§3.4 JSON
+    header_text("header_integer_400_digits", text.replace('"sqnr_db":18.0', '"sqnr_db":1' + "0" * 399, 1).encode(),
+                "HeaderError", "§3.4 an integer of 400 digits is beyond binary64")
+    header_text("header_integer_5000_digits", text.replace('"sqnr_db":18.0', '"sqnr_db":' + "9" * 5000, 1).encode(),
+                "HeaderError", "§3.4 an integer of 5000 digits is beyond binary64 (CPython's int() refuses it itself)")
+    assert '"level":3,' in text
+    header_text("integer_exponent_form", text.replace('"level":3,', '"level":3e0,', 1).encode(), "HeaderError",
+                "§3.4 integers are written without exponent (settings.level 3e0)")
+    header_text("header_positive_infinity", text.replace('"sqnr_db":18.0', '"sqnr_db":Infinity', 1).encode(),
+                "HeaderError", "§3.3 no Infinity")
+    header_text("header_deeply_nested", text.replace('"note":"fault base"', '"note":' + "[" * 20000 + "]" * 20000, 1).encode(),
+                "HeaderError", "§3.4 nesting 20,000 deep (a reader with a depth limit rejects it, one without the "
+                "metadata value that is not a string)")
+    header_text("header_not_object_whitespace", b" [" + text.encode() + b"]", "HeaderError",
+                "§3.3 a JSON object (after leading whitespace, which §3.4 allows)")
+    header_text("duplicate_key_in_ignored_field", text.replace('{"producer":', '{"future":{"a":1,"\\u0061":2},"producer":', 1).encode(),
+                "HeaderError", "§3.3 no duplicate keys, in an ignored field too (newer minor)", minor=1)
+    header_text("nan_in_ignored_field", text.replace('{"producer":', '{"future":[NaN],"producer":', 1).encode(),
+                "HeaderError", "§3.3 no NaN, in an ignored field too (newer minor)", minor=1)
+
+    # §4 field types
+    def no_tensors(d: Draft) -> None:  # the data section zeroed with them: no nonzero padding
+        d.header.pop("tensors")
+        d.data[64:] = bytes(len(d.data) - 64)
+
+    blob_edit("tensors_missing", no_tensors, "HeaderError", "§4.1 tensors required")
+    header_edit("tensors_not_object", lambda h: h.update(tensors=list(h["tensors"].values())), "HeaderError",
+                "§4.1 tensors is an object", [["header", text]])
+    header_edit("producer_not_string", lambda h: h.update(producer=5), "HeaderError", "§4.1 producer is a string",
+                [["header_set", ["producer"], B.header["producer"]]])
+    header_edit("metadata_not_object", lambda h: h.update(metadata=["format", "pt"]), "HeaderError",
+                "§4.1 metadata is an object", [["header_set", ["metadata"], B.header["metadata"]]])
+    header_edit("settings_not_object", lambda h: h.update(settings="k=8"), "HeaderError", "§4.3 settings is an object",
+                [["header", text]])
+    header_edit("settings_include_wrong_type", lambda h: h["settings"].update(include=".*"), "HeaderError",
+                "§4.3 settings.include is an array of strings", [["header_set", ["settings", "include"], [".*"]]])
+    header_edit("settings_exclude_wrong_type", lambda h: h["settings"].update(exclude=[1]), "HeaderError",
+                "§4.3 settings.exclude is an array of strings", [["header_set", ["settings", "exclude"], []]])
+    header_edit("settings_method_wrong_type", lambda h: h["settings"].update(method=1), "HeaderError",
+                "§4.3 settings.method is a string", [["header_set", ["settings", "method"], "ecsq"]])
+    header_edit("settings_extra_wrong_type", lambda h: h["settings"]["extra"].update(bits=3.5), "HeaderError",
+                "§4.3 settings.extra maps strings to strings", [["header_set", ["settings", "extra", "bits"], "3.5"]])
+    def entry_not_object(d: Draft) -> None:
+        for i in range(3):
+            for b in (d.ref("tiny", i, "centroids"), d.ref("tiny", i, "labels")):
+                d.data[b["offset"] : b["offset"] + b["length"]] = bytes(b["length"])
+        d.header["tensors"]["tiny"] = "tiny"
+
+    blob_edit("entry_not_object", entry_not_object, "HeaderError", "§4.2 a tensor entry is an object")
+
+    def not_object(tensor: str, chunk: int, key: str | None) -> Callable[[Draft], None]:
+        def f(d: Draft) -> None:  # the bytes no longer listed are zeroed: no nonzero padding
+            c = d.header["tensors"][tensor]["chunks"][chunk]
+            for b in ([c[key]] if key else [c["centroids"], c["labels"]]):
+                d.data[b["offset"] : b["offset"] + b["length"]] = bytes(b["length"])
+            if key:
+                c[key] = key
+            else:
+                d.header["tensors"][tensor]["chunks"][chunk] = "chunk"
+        return f
+
+    blob_edit("chunk_not_object", not_object("up", 1, None), "HeaderError", "§5.2 a chunk is an object")
+    blob_edit("blob_not_object", not_object("up", 1, "labels"), "HeaderError", "§4.4 a blob reference is an object")
+    header_edit("dtype_missing", lambda h: h["tensors"]["ids"].pop("dtype"), "HeaderError", "§4.2 dtype required",
+                [["header_set", tpath("ids", "dtype"), "I32"]])
+    header_edit("shape_missing", lambda h: h["tensors"]["ids"].pop("shape"), "HeaderError", "§4.2 shape required",
+                [["header_set", tpath("ids", "shape"), [6, 8]]])
+    header_edit("codec_missing", lambda h: h["tensors"]["empty"].pop("codec"), "HeaderError", "§4.2 codec required",
+                [["header_set", tpath("empty", "codec"), "lossless"]])
+    header_edit("shape_not_array", lambda h: h["tensors"]["empty"].update(shape="0x4"), "HeaderError",
+                "§4.2 shape is an array", [["header_set", tpath("empty", "shape"), [0, 4]]])
+    header_edit("negative_dimension", lambda h: h["tensors"]["empty"].update(shape=[0, -4]), "HeaderError",
+                "§4.2 dimensions >= 0", [["header_set", tpath("empty", "shape"), [0, 4]]])
+    lab = tpath("ones", "chunks", 0, "labels")
+    header_edit("length_negative", lambda h: h["tensors"]["ones"]["chunks"][0]["labels"].update(length=-1), "HeaderError",
+                "§4.4 length >= 0", [["header_set", lab + ["length"], 0]])
+    header_edit("length_2_63", lambda h: h["tensors"]["ones"]["chunks"][0]["labels"].update(length=2**63), "HeaderError",
+                "§4.4 length < 2^63 (a field rule, before placement)", [["header_set", lab + ["length"], 0]])
+    header_edit("offset_2_63", lambda h: h["tensors"]["ones"]["chunks"][0]["labels"].update(offset=2**63), "HeaderError",
+                "§4.4 offset < 2^63 (a field rule, before placement)",
+                [["header_set", lab + ["offset"], B.ref("ones", 0, "labels")["offset"]]])
+    header_edit("chunk_rows_2_53", lambda h: h["tensors"]["ids"].update(chunk_rows=2**53), "HeaderError",
+                "§5.1/§6.1 chunk_rows < 2^53", [["header_set", tpath("ids", "chunk_rows"), B.header["tensors"]["ids"]["chunk_rows"]]])
+    empty_blob = {"offset": 64, "length": 0, "encoding": "raw", "crc32": 0}
+    header_edit("zero_elements_with_chunks", lambda h: h["tensors"]["empty"].update(chunks=[{"planes": [empty_blob] * 4}]),
+                "HeaderError", "§4.6 a tensor with zero elements has no chunks", [["header_set", tpath("empty", "chunks"), []]])
 
 
 def _with_did(frame: bytes) -> bytes:
@@ -683,18 +1146,33 @@ def write_all(spec_dir: Path) -> None:
     d.header["tensors"] = {"head": t["head"], **{k: v for k, v in t.items() if k != "head"}}
     valid["fault_base"] = d.build()
     valid.update(edge_vectors(valid["fault_base"]))
+    hand, want = hand_vectors()
+    (spec_dir / "vectors" / "valid" / "sharded").mkdir(exist_ok=True)
+    index_name = "sharded/model.wclust.index.json"
+    (spec_dir / "vectors" / "valid" / index_name).write_bytes(hand.pop(index_name))
+    valid.update({name.removesuffix(".wclust"): data for name, data in hand.items()})
     for name, data in valid.items():
         path = spec_dir / "vectors" / "valid" / f"{name}.wclust"
         path.write_bytes(data)
         decoded = ref.decode(data)
+        for tensor, values in want.get(f"{name}.wclust", want.get(name, {})).items():
+            # built here from the values, decoded there from the bytes: the two must agree
+            assert decoded.tensors[tensor].data == values, (name, tensor)
         exp = expected_safetensors(decoded)
         exp_path = spec_dir / "vectors" / "valid" / f"{name}.expected.safetensors"
         exp_path.write_bytes(exp)
-        manifest["valid"][path.name] = {
-            "sha256": _sha(data), "expected": exp_path.name, "expected_sha256": _sha(exp),
+        exp_name = f"{name}.expected.safetensors"
+        manifest["valid"][f"{name}.wclust"] = {
+            "sha256": _sha(data), "expected": exp_name, "expected_sha256": _sha(exp),
             "version": f"{decoded.version[0]}.{decoded.version[1]}", "tensors": list(decoded.tensors),
             "aliases": decoded.aliases,
         }  # fmt: skip
+    index = json.loads((spec_dir / "vectors" / "valid" / index_name).read_bytes())
+    manifest["folders"] = {"sharded": {
+        "index": index_name, "sha256": _sha((spec_dir / "vectors" / "valid" / index_name).read_bytes()),
+        "tensors": list(index["weight_map"]),
+        "shards": sorted({f"sharded/{f}" for f in index["weight_map"].values()}),
+    }}  # fmt: skip
     for name, (data, err, rule, repair, also) in invalid_sets(valid["fault_base"]).items():
         path = spec_dir / "vectors" / "invalid" / f"{name}.wclust"
         path.write_bytes(data)

@@ -146,17 +146,21 @@ class WclustReader:
         return (major, minor), h_off, header
 
     def _check_blobs(self) -> None:
+        # spec §9.4 step 4: every known tensor's blobs, also those of a tensor of a known codec
+        # that needs an unknown dtype, transform or encoding (§10); an unknown codec has none
+        known = [
+            (b.offset, b.length, f"tensor {n!r} {what}") for n, e in self.header.tensors.items() for b, what in _blobs_of(e)
+        ]
         spans: list[tuple[int, int, str]] = []
-        for name, e in self.header.tensors.items():
-            for blob, what in _blobs_of(e):
-                end = blob.offset + blob.length
-                if blob.offset < PREAMBLE_SIZE or end > self._header_offset:
-                    raise FormatError(
-                        f"{where(self.path, name)}: {what} blob [{blob.offset}, {end}) lies outside the data "
-                        f"section [{PREAMBLE_SIZE}, {self._header_offset})"
-                    )
-                if blob.length:
-                    spans.append((blob.offset, end, f"tensor {name!r} {what}"))
+        for offset, length, what in known + self.header.unsupported_blobs:
+            end = offset + length
+            if offset < PREAMBLE_SIZE or end > self._header_offset:
+                raise FormatError(
+                    f"{self.path}: {what} blob [{offset}, {end}) lies outside the data "
+                    f"section [{PREAMBLE_SIZE}, {self._header_offset})"
+                )
+            if length:
+                spans.append((offset, end, what))
         spans.sort()
         for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -382,7 +386,8 @@ class WclustReader:
 
 def _zstd_frame_rules(stored: bytes | memoryview) -> None:
     """The rules of spec §7.1 that a one-shot zstd decoder does not check itself: the blob is a
-    zstd frame (not a skippable one), names no dictionary, and has a window of at most 128 MiB.
+    zstd frame (not a skippable one), its reserved bit is clear, it names no dictionary, and it
+    has a window of at most 128 MiB.
     (Content size, truncation and further bytes are checked by `entropy.decompress`.)"""
     head = bytes(stored[:6])
     if len(head) < 5:
@@ -393,6 +398,8 @@ def _zstd_frame_rules(stored: bytes | memoryview) -> None:
     if magic != 0xFD2FB528:
         return  # not a frame: decompress reports it
     descriptor = head[4]
+    if descriptor & 0x08:  # RFC 8878's Reserved_bit (bit 3); the Unused_bit (bit 4) may be either
+        raise ValueError("zstd frame header descriptor has its reserved bit set")
     if descriptor & 0x03:
         raise ValueError("zstd frame names a dictionary; dictionaries are not allowed")
     if not descriptor & 0x20 and len(head) == 6:  # not single-segment: a window descriptor follows

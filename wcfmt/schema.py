@@ -187,12 +187,19 @@ class Header(_Strict):
     #: Tensors of a newer-minor file that need what this version does not implement:
     #: name -> what, e.g. "codec 'vq'" or "encoding 'brotli'".
     _unsupported: dict[str, str] = PrivateAttr(default_factory=dict)
+    #: The blobs of those tensors whose codec this version knows (spec §10: they take part in the
+    #: range and overlap checks of §3.2): (offset, length, "tensor 'name' chunk i labels").
+    _unsupported_blobs: list[tuple[int, int, str]] = PrivateAttr(default_factory=list)
 
     @property
     def unsupported(self) -> dict[str, str]:
         """Tensors skipped because their codec is unknown to this reader (spec §10)."""
         return self._unsupported
 
+    @property
+    def unsupported_blobs(self) -> list[tuple[int, int, str]]:
+        """The known blobs of the `unsupported` tensors of a known codec (spec §10, §9.4 step 4)."""
+        return self._unsupported_blobs
 
     @model_validator(mode="after")
     def _aliases(self) -> "Header":
@@ -262,9 +269,16 @@ def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
     except ValueError as e:
         raise ValueError(f"header JSON: {e}") from None
     unsupported: dict[str, str] = {}
+    blobs: list[tuple[int, int, str]] = []
     if lenient:
         data = _drop_unknown(data, Header)
+        original = dict(data["tensors"]) if isinstance(data, dict) and isinstance(data.get("tensors"), dict) else {}
         unsupported = _split_unknown_codecs(data)
+        try:
+            for name in unsupported:
+                blobs += _check_unsupported(name, original[name], original)
+        except RecursionError:
+            raise ValueError("header is nested too deeply") from None
     try:
         header = Header.model_validate(data)
     except ValidationError as e:
@@ -274,6 +288,7 @@ def parse_header(raw: bytes, *, lenient: bool = False) -> Header:
     except RecursionError:
         raise ValueError("header is nested too deeply") from None
     header._unsupported = unsupported
+    header._unsupported_blobs = blobs
     return header
 
 
@@ -292,6 +307,96 @@ def _split_unknown_codecs(data: Any) -> dict[str, str]:
             out[n] = first[e["target"]]
     data["tensors"] = {n: e for n, e in tensors.items() if n not in out}
     return out
+
+
+def _check_unsupported(name: str, e: dict[str, Any], tensors: dict[str, Any]) -> list[tuple[int, int, str]]:
+    """Validate the known fields of an entry that needs an unknown value (spec §10): every rule
+    that does not depend on that value applies as in a file of this version's minor. An unknown
+    codec's entry is `dtype`, `shape` and `codec` (its other fields are unknown, so ignored); an
+    unknown dtype skips the rules that need its element size. Return the entry's blobs (none for
+    an unknown codec: which of its fields are blobs is unknown). Raise ValueError on a fault."""
+    w = f"tensor {name!r}"
+    codec = e.get("codec")
+    known_codec = codec in (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias")
+    fields = {CODEC_CLUSTERED: ("chunk_rows", "chunks"), CODEC_LOSSLESS: ("transform", "chunk_rows", "chunks"),
+              "alias": ("target",)}.get(codec, ())  # fmt: skip
+    missing = [f for f in ("dtype", "shape", "codec", *fields) if f not in e]
+    if missing:
+        raise ValueError(f"{w}: missing field(s) {missing}")
+    dtype, shape = e["dtype"], e["shape"]
+    if not isinstance(dtype, str):
+        raise ValueError(f"{w}: dtype must be a string")
+    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(type(d) is int and 0 <= d < 2**53 for d in shape)):
+        raise ValueError(f"{w}: shape must be an array of at most {MAX_NDIM} integers in [0, 2^53)")
+    size = itemsize(dtype) if dtype in DTYPES else None
+    if size is not None and math.prod(shape) * size >= 2**63:
+        raise ValueError(f"{w}: shape {shape} of {dtype} is 2^63 bytes or more")
+    # spec §3.4 on its known fields (a lone surrogate in a dtype or codec string; the unknown
+    # fields of an unknown codec are ignored whatever they hold)
+    _check_scalars(e if known_codec else {k: e[k] for k in ("dtype", "shape", "codec")})
+    if codec == "alias":
+        t = tensors.get(e["target"]) if isinstance(e["target"], str) else None
+        if not isinstance(t, dict) or t.get("codec") == "alias":
+            raise ValueError(f"{w}: alias target {e['target']!r} is not a non-alias tensor of the file")
+        if t.get("dtype") != dtype or t.get("shape") != shape:
+            raise ValueError(f"{w}: alias dtype/shape differ from target {e['target']!r}")
+        return []
+    if not known_codec:
+        return []
+    if not (type(e["chunk_rows"]) is int and 1 <= e["chunk_rows"] < 2**53):
+        raise ValueError(f"{w}: chunk_rows must be an integer in [1, 2^53)")
+    if not isinstance(e["chunks"], list):
+        raise ValueError(f"{w}: chunks must be an array")
+    blobs: list[tuple[int, int, str]] = []
+
+    def blob(b: Any, what: str) -> bool:  # spec §4.4; True when its encoding is known
+        if not isinstance(b, dict) or set(b) != set(Blob.model_fields):
+            raise ValueError(f"{w} {what}: a blob is an object of {sorted(Blob.model_fields)}")
+        if not (type(b["offset"]) is int and 0 <= b["offset"] < 2**63 and b["offset"] % ALIGNMENT == 0):
+            raise ValueError(f"{w} {what}: offset must be a multiple of {ALIGNMENT} in [0, 2^63)")
+        if not (type(b["length"]) is int and 0 <= b["length"] < 2**63):
+            raise ValueError(f"{w} {what}: length must be an integer in [0, 2^63)")
+        if not (type(b["crc32"]) is int and 0 <= b["crc32"] < 2**32):
+            raise ValueError(f"{w} {what}: crc32 must be an integer in [0, 2^32)")
+        if not isinstance(b["encoding"], str):
+            raise ValueError(f"{w} {what}: encoding must be a string")
+        blobs.append((b["offset"], b["length"], f"tensor {name!r} {what}"))
+        return b["encoding"] in (ENCODING_RAW, ENCODING_ZSTD)
+
+    for i, c in enumerate(e["chunks"]):
+        if codec == CODEC_CLUSTERED:
+            if not isinstance(c, dict) or set(c) != set(ClusteredChunk.model_fields):
+                raise ValueError(f"{w} chunk {i}: a chunk is an object of {sorted(ClusteredChunk.model_fields)}")
+            k = c["k"]
+            if not (type(k) is int and 1 <= k <= MAX_K):
+                raise ValueError(f"{w} chunk {i}: k must be an integer in 1..{MAX_K}")
+            if type(c["label_bits"]) is not int or c["label_bits"] != label_bits_for_k(k):
+                raise ValueError(f"{w} chunk {i}: label_bits must be {label_bits_for_k(k)} for k={k}")
+            if blob(c["centroids"], f"chunk {i} centroids") and (
+                c["centroids"]["encoding"] != ENCODING_RAW or c["centroids"]["length"] != 2 * k
+            ):
+                raise ValueError(f"{w} chunk {i}: centroids must be a raw blob of 2*k = {2 * k} bytes")
+            blob(c["labels"], f"chunk {i} labels")
+        else:
+            if not isinstance(c, dict) or set(c) != {"planes"} or not isinstance(c["planes"], list):
+                raise ValueError(f"{w} chunk {i}: a chunk is an object of planes")
+            if size is not None and len(c["planes"]) != size:
+                raise ValueError(f"{w} chunk {i} has {len(c['planes'])} planes, dtype {dtype} needs {size}")
+            for j, p in enumerate(c["planes"]):
+                blob(p, f"chunk {i} plane {j}")
+    if codec == CODEC_CLUSTERED:
+        if size is not None and dtype not in CLUSTERABLE:
+            raise ValueError(f"{w}: dtype {dtype} cannot be clustered (allowed: {sorted(CLUSTERABLE)})")
+        quality = e.get("quality", {})
+        if not (isinstance(quality, dict) and all(type(v) in (int, float) for v in quality.values())):
+            raise ValueError(f"{w}: quality must map strings to numbers")
+    else:
+        if not isinstance(e["transform"], str):
+            raise ValueError(f"{w}: transform must be a string")
+        if size is not None and e["transform"] == "float_planes" and dtype not in FLOAT_PLANES:
+            raise ValueError(f"{w}: transform float_planes is only for float dtypes, not {dtype}")
+    _check_chunk_count(shape, e["chunk_rows"], len(e["chunks"]))
+    return blobs
 
 
 def _unknown_value(e: dict[str, Any]) -> str | None:
@@ -322,27 +427,34 @@ def _no_constant(name: str) -> None:
 
 
 def _finite_float(text: str) -> float:
-    """A number must be finite in binary64 (spec §3.4): ``1e400`` is an error, not infinity."""
-    value = float(text)
-    if math.isinf(value):
-        raise ValueError(f"number {text[:40]} overflows binary64")
-    return value
+    """``1e400`` parses as infinity here; `_check_scalars` rejects it in a known field (spec §3.4:
+    numbers are finite in binary64) and an ignored field of a newer minor may hold it (§10)."""
+    return float(text)
 
 
-def _finite_int(text: str) -> int:
+def _finite_int(text: str) -> int | float:
+    """An integer literal beyond binary64 parses as infinity, for `_check_scalars` to judge as
+    ``1e400``. A JSON integer of more than 309 digits (no leading zeros) is at least 10^309,
+    beyond binary64; checking the length first also keeps CPython's int() from raising its own
+    ValueError on literals over 4300 digits."""
+    if len(text.lstrip("-")) > 309:
+        return math.inf
     value = int(text)
     try:
         float(value)
     except OverflowError:
-        raise ValueError(f"number {text[:40]}... overflows binary64") from None
+        return math.inf
     return value
 
 
 def _check_scalars(node: Any) -> None:
-    """No null anywhere, and every string (keys too) Unicode scalar values: no lone surrogates
-    from ``\\ud800`` escapes (spec §3.4)."""
+    """Spec §3.4's value rules, applied to known fields: no null, every number finite in
+    binary64, every string (keys too) Unicode scalar values (no lone surrogates from
+    ``\\ud800`` escapes)."""
     if node is None:
         raise ValueError("null is not a valid header value (leave an optional field out instead)")
+    if isinstance(node, float) and not math.isfinite(node):
+        raise ValueError("a number overflows binary64 (a finite value is required)")
     if isinstance(node, str):
         try:
             node.encode("utf-8")

@@ -139,25 +139,30 @@ def _constant(name: str) -> Any:
 
 
 def _float(text: str) -> float:
-    v = float(text)
-    if math.isinf(v):
-        raise HeaderError(f"number {text} overflows binary64")
-    return v
+    return float(text)  # 1e400 becomes inf here; §3.4 rejects it only in a field this decoder knows
 
 
-def _int(text: str) -> int:
-    v = int(text)  # CPython refuses literals of more than 4300 digits (ValueError: not JSON)
+def _int(text: str) -> int | float:
+    # A JSON integer without leading zeros and of more than 309 digits is at least 10^309, beyond
+    # binary64 (CPython's int() would also refuse more than 4300 digits, with a ValueError that is
+    # not a JSON error); inf stands for such a number until §3.4 looks at it (known fields only).
+    if len(text.lstrip("-")) > 309:
+        return math.inf
+    v = int(text)
     try:
         float(v)
-    except OverflowError:  # §3.4: an integer beyond binary64 is as invalid as 1e400
-        raise HeaderError("integer overflows binary64") from None
+    except OverflowError:
+        return math.inf
     return v
 
 
 def _scalar_values(node: Any) -> None:
-    """§3.4: strings are Unicode scalar values (no lone surrogates); no null anywhere."""
+    """§3.4's value rules, for the known fields they are applied to: no null, every number finite
+    in binary64, strings Unicode scalar values (no lone surrogates)."""
     if node is None:
         raise HeaderError("null is not a valid header value")
+    if isinstance(node, float) and not math.isfinite(node):
+        raise HeaderError("number overflows binary64")
     if isinstance(node, str):
         try:
             node.encode("utf-8")
@@ -231,16 +236,28 @@ def _str(v: Any, what: str) -> str:
     return v
 
 
-def _blob(v: Any, what: str, lenient: bool) -> dict[str, Any]:  # §4.4
+def _blob(v: Any, what: str, lenient: bool) -> tuple[dict[str, Any], str | None]:  # §4.4
+    """Return the blob and, in a newer-minor file, its unknown encoding (else None)."""
     b = _keys(_obj(v, what), BLOB_FIELDS, BLOB_FIELDS, what, lenient)
     _int_in(b["offset"], 0, 2**63, f"{what}.offset")
-    if b["offset"] % ALIGN:
+    if b["offset"] % ALIGN:  # a field rule (§4.4), checked with the header, not a placement rule
         raise HeaderError(f"{what}.offset is not a multiple of 64")
     _int_in(b["length"], 0, 2**63, f"{what}.length")
-    if b["encoding"] not in ENCODINGS:
-        raise HeaderError(f"{what}.encoding must be raw or zstd")
     _int_in(b["crc32"], 0, 2**32, f"{what}.crc32")
-    return b
+    unknown = _known_value(b["encoding"], ENCODINGS, "encoding", what, lenient)
+    return b, unknown
+
+
+def _known_value(v: Any, known: tuple[str, ...] | dict[str, int], field: str, what: str, lenient: bool) -> str | None:
+    """§10: a string this version does not know is an unknown value in a newer-minor file (the
+    tensor needs it) and an error in a file of its own minor; anything but a string is an error."""
+    if not isinstance(v, str):
+        raise HeaderError(f"{what}.{field} must be a string")
+    if v in known:
+        return None
+    if not lenient:
+        raise HeaderError(f"{what}: unknown {field} {v!r}")
+    return f"{field} {v!r}"
 
 
 def width(k: int) -> int:  # §5.3
@@ -263,32 +280,40 @@ def _chunk_count(shape: list[int], chunk_rows: int, n: int, what: str) -> None: 
         raise HeaderError(f"{what}: {n} chunks, needs {want}")
 
 
-def _entry(name: str, v: Any, lenient: bool) -> dict[str, Any]:
+def _entry(name: str, v: Any, lenient: bool) -> tuple[dict[str, Any], str | None]:
+    """Validate one tensor entry (§4.2, §5, §6, §10); return its known fields and, in a newer-minor
+    file, the first unknown value it needs (codec, dtype, transform, encoding) or None.
+
+    A rule that depends on an unknown value is skipped (the element size of an unknown dtype, the
+    fields of an unknown codec, the 2*k length of a centroid blob of unknown encoding); every
+    other rule applies as in a file of this decoder's own minor."""
     what = f"tensor {name!r}"
     e = _obj(v, what)
-    codec = e.get("codec")
-    if codec not in CODECS:
-        raise HeaderError(f"{what}: codec must be clustered, lossless or alias")
-    allowed = {"clustered": CLUSTERED_FIELDS, "lossless": LOSSLESS_FIELDS, "alias": ALIAS_FIELDS}[codec]
-    required = allowed - {"quality"}
-    e = _keys(e, allowed, required, what, lenient)
-    if not isinstance(e["dtype"], str) or e["dtype"] not in ELEMENT_SIZE:  # §4.2
-        raise HeaderError(f"{what}: unknown dtype")
+    if "codec" not in e:
+        raise HeaderError(f"{what}: missing field(s) ['codec']")
+    needs = [_known_value(e["codec"], CODECS, "codec", what, lenient)]
+    codec = e["codec"]
+    allowed = {"clustered": CLUSTERED_FIELDS, "lossless": LOSSLESS_FIELDS, "alias": ALIAS_FIELDS}.get(codec, COMMON_FIELDS)
+    # an unknown codec's other fields are unknown fields: ignored, whatever they hold (§10)
+    e = _keys(e, allowed, allowed - {"quality"}, what, lenient)
+    needs.append(_known_value(e["dtype"], ELEMENT_SIZE, "dtype", what, lenient))  # §4.2
+    size = ELEMENT_SIZE.get(e["dtype"])  # None: unknown dtype (newer minor)
     shape = e["shape"]
     if not isinstance(shape, list) or len(shape) > 8:
         raise HeaderError(f"{what}: shape must be an array of at most 8 integers")
     for d in shape:
         _int_in(d, 0, 2**53, f"{what}: dimension")
-    if math.prod(shape) * ELEMENT_SIZE[e["dtype"]] >= 2**63:  # §4.2: sizes fit in 63 bits
+    if size is not None and math.prod(shape) * size >= 2**63:  # §4.2: sizes fit in 63 bits
         raise HeaderError(f"{what}: tensor size overflows 2^63 bytes")
     if codec == "alias":
         _str(e["target"], f"{what}.target")
-        return e
+    if codec not in ("clustered", "lossless"):
+        return e, next((n for n in needs if n), None)
     _int_in(e["chunk_rows"], 1, 2**53, f"{what}.chunk_rows")
     if not isinstance(e["chunks"], list):
         raise HeaderError(f"{what}.chunks must be an array")
     if codec == "clustered":  # §5.1
-        if e["dtype"] not in CLUSTERED_DTYPES:
+        if size is not None and e["dtype"] not in CLUSTERED_DTYPES:
             raise HeaderError(f"{what}: dtype {e['dtype']} cannot be clustered")
         if "quality" in e:  # §5.6
             q = _obj(e["quality"], f"{what}.quality")
@@ -301,66 +326,43 @@ def _entry(name: str, v: Any, lenient: bool) -> dict[str, Any]:
             k = _int_in(c["k"], 1, 257, f"{cw}.k")
             if not _is_int(c["label_bits"]) or c["label_bits"] != width(k):
                 raise HeaderError(f"{cw}: label_bits must be width(k) = {width(k)}")
-            c["centroids"] = _blob(c["centroids"], f"{cw}.centroids", lenient)
-            c["labels"] = _blob(c["labels"], f"{cw}.labels", lenient)
-            if c["centroids"]["encoding"] != "raw" or c["centroids"]["length"] != 2 * k:
+            c["centroids"], cent_needs = _blob(c["centroids"], f"{cw}.centroids", lenient)
+            c["labels"], label_needs = _blob(c["labels"], f"{cw}.labels", lenient)
+            needs += [cent_needs, label_needs]
+            if cent_needs is None and (c["centroids"]["encoding"] != "raw" or c["centroids"]["length"] != 2 * k):
                 raise HeaderError(f"{cw}: centroids must be raw, 2*k bytes")
             chunks.append(c)
         e["chunks"] = chunks
     else:  # §6.1
-        if e["transform"] not in TRANSFORMS:
-            raise HeaderError(f"{what}: unknown transform")
-        if e["transform"] == "float_planes" and e["dtype"] not in FLOATS:
+        transform_needs = _known_value(e["transform"], TRANSFORMS, "transform", what, lenient)
+        needs.insert(2, transform_needs)  # codec, dtype, transform, then blob encodings
+        if size is not None and e["transform"] == "float_planes" and e["dtype"] not in FLOATS:
             raise HeaderError(f"{what}: float_planes is only for float dtypes")
         chunks = []
         for i, c in enumerate(e["chunks"]):
             cw = f"{what} chunk {i}"
             c = _keys(_obj(c, cw), {"planes"}, {"planes"}, cw, lenient)
-            if not isinstance(c["planes"], list) or len(c["planes"]) != ELEMENT_SIZE[e["dtype"]]:
+            if not isinstance(c["planes"], list) or (size is not None and len(c["planes"]) != size):
                 raise HeaderError(f"{cw}: needs one plane per byte of the element")
-            c["planes"] = [_blob(p, f"{cw} plane {j}", lenient) for j, p in enumerate(c["planes"])]
+            planes = []
+            for j, p in enumerate(c["planes"]):
+                blob, blob_needs = _blob(p, f"{cw} plane {j}", lenient)
+                planes.append(blob)
+                needs.append(blob_needs)
+            c["planes"] = planes
             chunks.append(c)
         e["chunks"] = chunks
     _chunk_count(shape, e["chunk_rows"], len(e["chunks"]), what)
-    return e
-
-
-def _unknown_value(e: Any) -> str | None:
-    """§10: in a newer-minor file, the first known-field value this version does not know."""
-    if not isinstance(e, dict):
-        return None
-    codec = e.get("codec")
-    if isinstance(codec, str) and codec not in CODECS:
-        return f"codec {codec!r}"
-    if isinstance(e.get("dtype"), str) and e["dtype"] not in ELEMENT_SIZE:
-        return f"dtype {e['dtype']!r}"
-    if codec == "lossless" and isinstance(e.get("transform"), str) and e["transform"] not in TRANSFORMS:
-        return f"transform {e['transform']!r}"
-    for c in e.get("chunks") if isinstance(e.get("chunks"), list) else []:
-        if not isinstance(c, dict):
-            continue
-        blobs = list(c.get("planes")) if isinstance(c.get("planes"), list) else []
-        blobs += [c.get("centroids"), c.get("labels")]
-        for b in blobs:
-            if isinstance(b, dict) and isinstance(b.get("encoding"), str) and b["encoding"] not in ENCODINGS:
-                return f"encoding {b['encoding']!r}"
-    return None
+    return e, next((n for n in needs if n), None)
 
 
 def validate_header(h: Any, lenient: bool) -> tuple[dict[str, Any], dict[str, str]]:
-    """§4: return (the header with its known fields, tensors needing what 1.0 lacks)."""
+    """§4: return (the header with its known fields, tensors needing what 1.0 lacks).
+
+    Every entry is validated, also one that needs an unknown value (§10): only the rules that
+    depend on that value are skipped. §3.4's value rules apply to known fields only; what a
+    newer-minor file holds in a field this decoder ignores, it ignores."""
     h = _keys(_obj(h, "header"), TOP_FIELDS, {"producer", "tensors"}, "header", lenient)
-    unsupported: dict[str, str] = {}
-    tensors = _obj(h["tensors"], "tensors")
-    if lenient:  # §10: refuse tensor by tensor what this version does not know
-        first = {n: w for n, e in tensors.items() if (w := _unknown_value(e)) is not None}
-        unsupported.update(first)
-        for n, e in tensors.items():
-            if isinstance(e, dict) and e.get("codec") == "alias" and isinstance(e.get("target"), str) \
-                    and e["target"] in first:
-                unsupported[n] = first[e["target"]]
-        tensors = {n: e for n, e in tensors.items() if n not in unsupported}
-    _scalar_values({k: v for k, v in h.items() if k not in ("tensors", "settings")})
     if not isinstance(h["producer"], str) or len(h["producer"]) > 256:  # code points (§3.4)
         raise HeaderError("producer must be a string of at most 256 characters")
     if "metadata" in h:
@@ -369,8 +371,7 @@ def validate_header(h: Any, lenient: bool) -> tuple[dict[str, Any], dict[str, st
             raise HeaderError("metadata values must be strings")
     if "settings" in h:  # §4.3: informative, but still typed
         s = _keys(_obj(h["settings"], "settings"), SETTINGS_FIELDS, set(), "settings", lenient)
-        _scalar_values(s)  # its known fields: unknown ones (dropped above) are ignored whatever they hold
-        for key in ("k", "chunk_rows", "level"):
+        for key in ("k", "chunk_rows", "level"):  # any integer §3.4 allows: no range of their own
             if key in s and not _is_int(s[key]):
                 raise HeaderError(f"settings.{key} must be an integer")
         for key in ("include", "exclude"):
@@ -382,12 +383,15 @@ def validate_header(h: Any, lenient: bool) -> tuple[dict[str, Any], dict[str, st
             raise HeaderError("settings.extra must map strings to strings")
         h["settings"] = s
     entries: dict[str, Any] = {}
-    for name, e in tensors.items():
-        _scalar_values(name)
+    unsupported: dict[str, str] = {}
+    for name, e in _obj(h["tensors"], "tensors").items():
         if name == "":
             raise HeaderError("tensor names must not be empty")
-        entries[name] = _entry(name, e, lenient)
-        _scalar_values(entries[name])  # known fields only: unknown ones are ignored (§10)
+        entries[name], needs = _entry(name, e, lenient)
+        if needs is not None:
+            unsupported[name] = needs
+    h["tensors"] = entries
+    _scalar_values(h)  # §3.4 on every known field (unknown ones were dropped above)
     for name, e in entries.items():  # §4.5
         if e["codec"] == "alias":
             t = entries.get(e["target"])
@@ -397,7 +401,8 @@ def validate_header(h: Any, lenient: bool) -> tuple[dict[str, Any], dict[str, st
                 raise HeaderError(f"alias {name!r}: target is itself an alias")
             if t["dtype"] != e["dtype"] or t["shape"] != e["shape"]:
                 raise HeaderError(f"alias {name!r}: dtype or shape differs from its target")
-    h["tensors"] = entries
+            if name not in unsupported and e["target"] in unsupported:  # §10: it needs what its target needs
+                unsupported[name] = unsupported[e["target"]]
     return h, unsupported
 
 
@@ -573,7 +578,7 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Decoded:
         h, unsupported = validate_header(parse_json(raw), lenient=minor > IMPLEMENTED_MINOR)  # 3. header
     except RecursionError:
         raise HeaderError("header nested too deeply") from None
-    check_ranges(h["tensors"], h_off)  # 4. blob ranges
+    check_ranges(h["tensors"], h_off)  # 4. blob ranges (an unknown codec's entry holds no known blob)
     if unsupported:  # 5. every tensor is requested
         name, what = next(iter(unsupported.items()))
         raise VersionError(f"tensor {name!r} needs {what} (file {major}.{minor})")
