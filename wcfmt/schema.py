@@ -532,7 +532,7 @@ def json_schema() -> dict[str, Any]:
     schema = _plain_json_schema(Header.model_json_schema())
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$comment"] = (
-        "Header of a .wclust file of version 1.0 exactly (spec 1.0.1 section 4.7): unknown fields "
+        "Header of a .wclust file of version 1.0 exactly (spec section 4.7): unknown fields "
         "are rejected, so a newer-minor header may fail it; a reader then drops unknown fields "
         "first (section 10). The prose wins where they differ; cross-field rules are prose only."
     )

@@ -1,4 +1,4 @@
-"""Reference decoder for .wclust 1.0.1, written from `spec/wclust-v1.md` alone.
+"""Reference decoder for .wclust 1.0 (spec revision 1.0.2), written from `spec/wclust-v1.md` alone.
 
 Educational and canonical, in the spirit of zstd's educational decoder: plain code that follows
 the spec section by section, numpy and zstandard only, no import of `wcfmt`. It reads a whole
