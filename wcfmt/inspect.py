@@ -6,6 +6,7 @@ decoded value (spec §9.1), file by file and tensor by tensor.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -268,11 +269,16 @@ def _settings_lines(i: Info) -> list[str]:
     parts = [f"encoder {s.get('method', '?')}"]
     if s.get("k") is not None:
         parts.append(f"K {s['k']}")
+    measured = achieved_bits(i)
     for group in ("", "_embed", "_attention", "_mlp"):
         if f"bits{group}" in extra:
             who = group[1:] or "model"
-            parts.append(f"{who}: {extra[f'bits{group}']} bits/weight (λ {extra.get(f'lambda{group}', '?')}, "
-                         f"step {extra.get(f'step{group}', '?')})")
+            got = measured.get(who)
+            achieved = "" if got is None else f", achieved {got:.2f}"
+            cap = extra.get(f"bits_cap{group}")
+            parts.append(f"{who}: requested {extra[f'bits{group}']} bits/weight{achieved}"
+                         + (f": {cap}" if cap else "")
+                         + f" (λ {extra.get(f'lambda{group}', '?')}, step {extra.get(f'step{group}', '?')})")
     if extra.get("embeddings") == "clustered":
         how = extra.get("embed_importance")
         parts.append("embeddings clustered" + (f", rows weighted by token frequency ({how})" if how else ""))
@@ -284,6 +290,33 @@ def _settings_lines(i: Info) -> list[str]:
     elif "calib_skipped" in extra:
         parts.append(f"not calibrated: {extra['calib_skipped']}")
     return ["packed with: " + "; ".join(parts)]
+
+
+def achieved_bits(i: Info) -> dict[str, float]:
+    """Stored bits per clustered weight (labels after zstd plus tables, from the files' blob
+    sizes) per budget group of the settings: ``model``, and ``embed`` when embeddings had a
+    budget of their own (``bits_embed``). Tensors with a budget of their own are left out."""
+    s = next((f["settings"] for f in i.files if f.get("settings")), None) or {}
+    extra = s.get("extra", {})
+    options = extra.get("options")
+    own: list[str] = []
+    if options:
+        try:
+            own = list((json.loads(options).get("bits_overrides") or {}))
+        except (ValueError, AttributeError):
+            own = []
+    from .cluster.policy import ClusterPolicy
+
+    bits: dict[str, float] = {}
+    weights: dict[str, int] = {}
+    for r in i.rows:
+        if r.codec != "clustered" or any(re.search(p, r.name) for p in own):
+            continue
+        group = "embed" if "bits_embed" in extra and ClusterPolicy.group(r.name) == "embed" else "model"
+        numel = math.prod(r.shape)
+        bits[group] = bits.get(group, 0.0) + r.packed_bytes * 8
+        weights[group] = weights.get(group, 0) + numel
+    return {g: bits[g] / weights[g] for g in bits if weights[g]}
 
 
 @dataclass

@@ -88,7 +88,7 @@ def pack(src: str | Path, dst: str | Path, options: PackOptions | None = None, *
     calibration = _calibrate.choose(source, opts)
     opts = _resolved(opts, calibration)
     plan = make_plan(opts)
-    # plan.add_settings({"options": opts.recorded_json()})  # IDENTITY-CHECK
+    plan.add_settings({"options": opts.recorded_json()})
     check_output(source.path, dst, force=opts.force, want_dir=source.is_dir)
     source.read_headers()  # every header checked before anything is written
     stages: dict[str, float] = {"plan": time.perf_counter() - t0}
@@ -124,7 +124,7 @@ def _resolved(opts: PackOptions, calibration: _calibrate.Calibration) -> PackOpt
         embeddings=True if opts.embeddings is None else opts.embeddings,
         embed_weight=opts.embed_weight if opts.embed_weight is not None else DEFAULT_EMBED_WEIGHT,
         embed_importance=opts.embed_importance or EMBED_IMPORTANCE,
-        calib=str(calibration.what) if calibrated else "none",
+        calib=calibration.what if calibrated else "none",
         calib_tokens=calibration.tokens,
     )
 

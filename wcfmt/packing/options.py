@@ -125,7 +125,7 @@ class PackOptions(BaseModel):
         "--embed-importance", "weigh clustered embedding rows by their tokens' expected frequency from the "
         "folder's tokenizer.json (tokens: rare tokens' rows get coarser cells) or equally (uniform; "
         "default {EMBED_IMPORTANCE})", choices=EMBED_IMPORTANCE_CHOICES)
-    calib: str | None = _f(
+    calib: str | Path | None = _f(
         "--calib", "calibration: run the model (transformers) and choose labels by what each layer's inputs "
         "see. 'random' (the default with --bits for a causal-LM folder when transformers is installed): "
         "random tokens, each input column's error weighted by its E[x^2] (seconds); FILE: a text, GPTQ-style "
@@ -270,7 +270,7 @@ class PackOptions(BaseModel):
     @classmethod
     def _calib(cls, v: Any) -> Any:
         if isinstance(v, os.PathLike):
-            return os.fspath(v)
+            return Path(v)  # a Path is always a text file, even one named "self" or "random"
         if v is not None and not isinstance(v, str):
             raise UsageError(f"calib must be 'random', 'self', 'none' or a text file, got {v!r}")
         return v
@@ -310,7 +310,11 @@ class PackOptions(BaseModel):
 
     def recorded(self) -> dict[str, Any]:
         """The options that decide the bytes, those that are set (not None), as JSON values."""
-        return {n: getattr(self, n) for n in self.recorded_fields() if getattr(self, n) is not None}
+        out = {n: getattr(self, n) for n in self.recorded_fields() if getattr(self, n) is not None}
+        if isinstance(out.get("calib"), Path):  # a text file; ./self, not the word self
+            name = str(out["calib"])
+            out["calib"] = f"./{name}" if name in CALIB_CHOICES else name
+        return out
 
     def recorded_json(self) -> str:
         """`recorded` as the compact, key-sorted JSON string written to ``settings.extra["options"]``."""

@@ -194,9 +194,19 @@ def allocate_bits(plan: Plan, files: Sequence[tuple[Path, dict[str, TensorInfo]]
         if g.startswith("tensor:"):
             continue
         key = "" if g == "model" else f"_{g}"
+        members = [n for n, r in rates.items() if r.group == g]
+        weights = sum(rates[n].elements for n in members)
+        achieved = sum(alloc.bits[n] * rates[n].elements for n in members) / max(1, weights)
         extra[f"bits{key}"] = f"{alloc.group_bits[g]:g}"
+        extra[f"bits_achieved{key}"] = f"{achieved:.4g}"
         extra[f"lambda{key}"] = f"{alloc.group_lambda[g]:.6g}"
         extra[f"step{key}"] = f"{alloc.group_step[g]:.6g}"
+        if achieved < alloc.group_bits[g] * (1 - CAP_TOLERANCE):
+            why = ("K <= 256 per chunk" if g in many_values
+                   else "every distinct value already has a centroid of its own")  # fmt: skip
+            extra[f"bits_cap{key}"] = why
+            who = "" if g == "model" else f" ({g})"
+            plan.capped[g] = f"requested {alloc.group_bits[g]:g} bits/weight{who}, achieved {achieved:.2f}: {why}"
     if weighted_how:
         extra["embed_importance"] = ",".join(sorted(weighted_how))
     if weighted_head:  # only where an output head shares the model's slope

@@ -1,0 +1,82 @@
+"""The encode stage (wcfmt/packing/encode.py): worker processes that never outlive `wcfmt pack`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from wcfmt.packing import encode
+
+
+def _children(pid: int) -> set[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces, so split after its closing parenthesis
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.add(int(d.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return False
+    return state[state.rindex(")") + 2 :].split()[0] != "Z"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigkill_of_pack_leaves_no_worker_behind(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    g = torch.Generator().manual_seed(0)
+    # above the pool's threshold (64 MiB) so that pack clusters in worker processes
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 4096, generator=g).bfloat16()
+               for i in range(5)}
+    assert sum(t.numel() * 2 for t in tensors.values()) >= encode.PROCESS_POOL_MIN_BYTES
+    src = tmp_path / "m.safetensors"
+    safetensors.torch.save_file(tensors, str(src))
+    del tensors
+    proc = subprocess.Popen([sys.executable, "-m", "wcfmt", "pack", str(src), "-o", str(tmp_path / "m.wclust"),
+                             "--threads", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers: set[int] = set()
+    deadline = time.monotonic() + 120
+    while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        time.sleep(0.05)
+    assert len(workers) >= 2, "pack finished or stalled before its workers started"
+    time.sleep(0.5)  # mid-clustering
+    os.kill(proc.pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    deadline = time.monotonic() + 15
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if _alive(w)]
+    for w in left:  # do not leave them to the rest of the suite either
+        os.kill(w, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their killed parent"
+    assert b"Traceback" not in err, err.decode(errors="replace")
+    assert not (tmp_path / "m.wclust").exists()
+
+
+def test_a_worker_exits_when_its_parent_is_already_gone() -> None:
+    """The race the parent-death signal cannot cover: the parent died before the worker armed
+    it. `_die_with_parent` then exits at once, with no traceback."""
+    code = ("import os, wcfmt.packing.encode as e; e._die_with_parent(os.getppid() + 10**7); print('alive')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert r.returncode == 1 and b"alive" not in r.stdout and b"Traceback" not in r.stderr
