@@ -34,7 +34,7 @@ import json
 import math
 from collections.abc import Callable, Collection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +45,9 @@ from ..errors import UsageError
 from .kmeans import rebuilt_of_each, round_centroids
 from .report import quality
 
+if TYPE_CHECKING:
+    from .layerwise import Statistics
+
 __all__ = [
     "DEFAULT_CALIB_TOKENS",
     "DEFAULT_DAMP",
@@ -54,6 +57,8 @@ __all__ = [
     "sample_text",
     "collect_hessians",
     "collect_random_diagonals",
+    "collect_text_statistics",
+    "collect_random_statistics",
     "random_windows",
     "inverse_cholesky",
     "gptq_labels",
@@ -169,6 +174,7 @@ def collect_hessians(
     batch: int = 4,
     progress: bool = False,
     diagonal: bool = False,
+    path: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Return ``{weight name: H}``, H = mean over tokens of xxᵀ (float64, in × in), per linear layer.
 
@@ -177,13 +183,40 @@ def collect_hessians(
     ``window`` tokens; a forward hook on every ``torch.nn.Linear`` sums its inputs' outer
     products. ``names`` keeps only some weights (a set of names like
     ``"model.layers.0.mlp.up_proj.weight"``, or a predicate). ``diagonal``: only H's diagonal,
-    E[x_j²] per input column (a vector). Raises `UsageError` when the folder, the text or
-    transformers is missing.
+    E[x_j²] per input column (a vector). The model runs one decoder block at a time where it can
+    (``path``: see `wcfmt.cluster.layerwise.second_moments`; `collect_text_statistics` also says
+    which ran). Raises `UsageError` when the folder, the text or transformers is missing.
     """
+    return collect_text_statistics(model_folder, text, n_tokens, names=names, window=window, batch=batch,
+                                   progress=progress, diagonal=diagonal, path=path).moments
+
+
+def collect_text_statistics(
+    model_folder: str | Path,
+    text: str,
+    n_tokens: int = DEFAULT_CALIB_TOKENS,
+    *,
+    names: Collection[str] | Callable[[str], bool] | None = None,
+    window: int = 512,
+    batch: int = 4,
+    progress: bool = False,
+    diagonal: bool = False,
+    path: str | None = None,
+) -> "Statistics":
+    """`collect_hessians` as a `wcfmt.cluster.layerwise.Statistics`: the moments, and which path
+    ran (block by block, or the whole model) and why."""
+    from .layerwise import second_moments
+
     folder = Path(model_folder)
     if not isinstance(n_tokens, int) or isinstance(n_tokens, bool) or n_tokens < 2:
         raise UsageError(f"n_tokens must be an integer >= 2, got {n_tokens!r}")
-    tokenizer, model = _load_model(folder, "calibration")
+    _config_of(folder, "calibration")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise UsageError(f"{folder}: cannot load the model for calibration (its tokenizer: {e})") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) < 2:
         raise UsageError(f"calibration text has {len(ids)} tokens; need at least 2")
@@ -191,7 +224,8 @@ def collect_hessians(
     win = max(2, min(window, len(ids)))
     n_windows = max(1, len(ids) // win)
     windows = ids[: n_windows * win].reshape(n_windows, win)
-    return _second_moments(model, windows, _keep(names), batch=batch, progress=progress, diagonal=diagonal)
+    return second_moments(folder, windows, _keep(names), batch=batch, progress=progress, diagonal=diagonal,
+                          dtype=torch.float32, what="calibration", path=path)
 
 
 def _config_ids(value: Any) -> list[int]:
@@ -240,6 +274,7 @@ def collect_random_diagonals(
     tokens: int = RANDOM_TOKENS,
     seed: int = RANDOM_SEED,
     progress: bool = False,
+    path: str | None = None,
 ) -> tuple[dict[str, np.ndarray], tuple[int, int]]:
     """``({weight name: E[x_j²]}, (sequences, tokens))``: per linear layer, the diagonal of its
     inputs' second moments, from the model reading random tokens (`random_windows`; the shape of
@@ -248,11 +283,46 @@ def collect_random_diagonals(
     does: on SmolLM2-135M the log of these diagonals correlates with the ones from sampled text
     at 0.86 (median over layers), and weighting columns by them took ``--bits 5.43`` from 1.050×
     to 1.015× bf16 perplexity, as the text's own diagonals did (1.017×; tools/RESULTS-smollm2.md)."""
+    stats = collect_random_statistics(model_folder, names=names, sequences=sequences, tokens=tokens, seed=seed,
+                                      progress=progress, path=path)
+    return stats.moments, stats.windows
+
+
+def collect_random_statistics(
+    model_folder: str | Path,
+    *,
+    names: Collection[str] | Callable[[str], bool] | None = None,
+    sequences: int = RANDOM_SEQUENCES,
+    tokens: int = RANDOM_TOKENS,
+    seed: int = RANDOM_SEED,
+    progress: bool = False,
+    path: str | None = None,
+) -> "Statistics":
+    """`collect_random_diagonals` as a `wcfmt.cluster.layerwise.Statistics`: the diagonals, the
+    windows' shape, and which path ran (block by block where the model allows it, ``path``:
+    see `wcfmt.cluster.layerwise.second_moments`) and why. The token ids come from the config
+    alone, so a model run block by block is never loaded whole."""
+    from .layerwise import second_moments
+
     folder = Path(model_folder)
-    _, model = _load_model(folder, "calib='random'", tokenizer=False, dtype=_statistics_dtype(folder))
-    windows = random_windows(model.config, sequences, tokens, seed)
-    found = _second_moments(model, windows, _keep(names), batch=sequences, progress=progress, diagonal=True)
-    return found, (int(windows.shape[0]), int(windows.shape[1]))
+    config = _config_of(folder, "calib='random'")
+    windows = random_windows(config, sequences, tokens, seed)
+    return second_moments(folder, windows, _keep(names), batch=sequences, progress=progress, diagonal=True,
+                          dtype=_statistics_dtype(folder), what="calib='random'", path=path)
+
+
+def _config_of(folder: Path, what: str) -> Any:
+    """The transformers config of a Hugging Face folder, or `UsageError`."""
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{folder}: {what} needs a Hugging Face model folder (no config.json)")
+    try:
+        from transformers import AutoConfig
+    except ImportError as e:  # pragma: no cover - transformers is in the test extra
+        raise UsageError(f"{what} runs the model with transformers: pip install transformers") from e
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"{folder}: cannot load the model for {what} ({e})") from None
 
 
 def _statistics_dtype(folder: Path) -> torch.dtype:
@@ -268,19 +338,28 @@ def _statistics_dtype(folder: Path) -> torch.dtype:
     return torch.bfloat16 if name in ("bfloat16", "float16") else torch.float32
 
 
-def _second_moments(
-    model: Any, windows: torch.Tensor, keep: Callable[[str], bool], *, batch: int, progress: bool, diagonal: bool
-) -> dict[str, np.ndarray]:
-    """Run ``model`` over the rows of ``windows`` and return mean xxᵀ (or its diagonal) of the
-    input of every kept ``nn.Linear`` weight."""
-    sums: dict[str, torch.Tensor] = {}
-    hooks = []
-    # Layers fed the same tensor (q/k/v, gate/up) share one product: the hooks of one input run
-    # one after another, so the last input and its product are all that is kept. Products are
-    # float32 per batch (H is dampened by 1% before use), summed in float64 across batches.
-    last: list[Any] = [None, None]
+class _MomentHooks:
+    """Forward pre-hooks on every kept ``nn.Linear`` of ``model`` that sum its inputs' xxᵀ (or
+    its diagonal); ``modules``: the hooked modules; `means` divides by the tokens read."""
 
-    def hook_for(name: str) -> Callable[..., None]:
+    def __init__(self, model: Any, keep: Callable[[str], bool], diagonal: bool) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.modules: list[torch.nn.Module] = []
+        self._hooks: list[Any] = []
+        # Layers fed the same tensor (q/k/v, gate/up) share one product: the hooks of one input
+        # run one after another, so the last input and its product are all that is kept. Products
+        # are float32 per batch (H is dampened by 1% before use), summed in float64 across batches.
+        self._last: list[Any] = [None, None]
+        self._diagonal = diagonal
+        for mname, module in model.named_modules():
+            wname = f"{mname}.weight"
+            if isinstance(module, torch.nn.Linear) and keep(wname):
+                self._hooks.append(module.register_forward_pre_hook(self._hook_for(wname)))
+                self.modules.append(module)
+
+    def _hook_for(self, name: str) -> Callable[..., None]:
+        sums, last, diagonal = self.sums, self._last, self._diagonal
+
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if args[0] is not last[0]:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
@@ -291,19 +370,29 @@ def _second_moments(
 
         return hook
 
-    hooked = []
-    for mname, module in model.named_modules():
-        wname = f"{mname}.weight"
-        if isinstance(module, torch.nn.Linear) and keep(wname):
-            hooks.append(module.register_forward_pre_hook(hook_for(wname)))
-            hooked.append(module)
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._last[:] = [None, None]
+
+    def means(self, n: int) -> dict[str, np.ndarray]:
+        return {name: (s / n).numpy() for name, s in self.sums.items()}
+
+
+def _second_moments(
+    model: Any, windows: torch.Tensor, keep: Callable[[str], bool], *, batch: int, progress: bool, diagonal: bool
+) -> dict[str, np.ndarray]:
+    """Run ``model`` (the whole model, in memory) over the rows of ``windows`` and return mean
+    xxᵀ (or its diagonal) of the input of every kept ``nn.Linear`` weight."""
+    hooks = _MomentHooks(model, keep, diagonal)
     from ..progress import bar
 
     # Only the layers' inputs are wanted: unless the LM head's own H is, causal LMs that can skip
     # the logits of all but the last position (transformers' ``logits_to_keep``) spare the LM
     # head's product (SmolLM2: a sixth of the forward pass).
     head = model.get_output_embeddings()
-    head_wanted = any(m is head for m in hooked)
+    head_wanted = any(m is head for m in hooks.modules)
     skip_logits = not head_wanted and "logits_to_keep" in inspect.signature(model.forward).parameters
     extra = {"logits_to_keep": 1} if skip_logits else {}
     n_windows = windows.shape[0]
@@ -313,11 +402,8 @@ def _second_moments(
                 model(input_ids=windows[i : i + batch], **extra)
                 b.update(len(windows[i : i + batch]))
     finally:
-        for h in hooks:
-            h.remove()
-        last.clear()
-    n = windows.numel()
-    return {name: (s / n).numpy() for name, s in sums.items()}
+        hooks.remove()
+    return hooks.means(windows.numel())
 
 
 # -- GPTQ onto a fixed grid -------------------------------------------------------------------
