@@ -931,12 +931,12 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
         blob_edit(name, lambda d, f=frame: d.set_blob(d.ref("ones", 0, "labels"), f, encoding="zstd"), "FormatError", rule)
     blob_edit("zstd_on_raw_bytes", lambda d: d.ref("up", 0, "labels").update(encoding="zstd"), "FormatError",
               "§7.1 a zstd blob is a zstd frame")
-    _rules_of_1_0_2(B, text, good, plane, zstd_fault, header_text, header_edit, blob_edit, tpath)
+    _rules_of_1_0_2(B, base, text, good, plane, zstd_fault, raw_fault, header_text, header_edit, blob_edit, tpath)
     return out
 
 
-def _rules_of_1_0_2(B: Draft, text: str, good: bytes, plane: bytes, zstd_fault: Any, header_text: Any, header_edit: Any,
-                    blob_edit: Any, tpath: Any) -> None:  # fmt: skip
+def _rules_of_1_0_2(B: Draft, base: bytes, text: str, good: bytes, plane: bytes, zstd_fault: Any, raw_fault: Any,
+                    header_text: Any, header_edit: Any, blob_edit: Any, tpath: Any) -> None:  # fmt: skip
     """Vectors added in spec 1.0.2: the reader MUSTs no 1.0.1 vector tested (the findings of a
     second implementation, section C). They register through the helpers of `invalid_sets`."""
     # §7.1 zstd frames (the `zlab` label plane, 2048 decoded bytes)
@@ -1007,6 +1007,16 @@ def _rules_of_1_0_2(B: Draft, text: str, good: bytes, plane: bytes, zstd_fault: 
     blob_edit("version_before_blob_checks", version_first, "VersionError",
               "§9.4 step 5 (unknown values of every requested tensor) before step 6 (blobs)",
               ["§7.3 blob crc32 (§9.4 step 6)"], minor=1)
+
+    # §9.4 order: the header CRC before the JSON (step 2 before 3), a blob's CRC before its data
+    h_off = len(B.data)
+    bad_json = b"{not json"
+    raw_fault("header_crc_before_json", base[:24] + struct.pack("<QI", len(bad_json), crc(bad_json) ^ 1) + base[36:h_off] + bad_json,
+              "ChecksumError", "§3.3/§9.4 the header CRC is verified before the header is parsed", ["§3.3 JSON"])
+    labels = B.stored(B.ref("up", 0, "labels"))
+    blob_edit("blob_crc_before_decoding",
+              lambda d: d.patch_blob(d.ref("up", 0, "labels"), 0, bytes([(labels[0] & 0xF0) | 8]), fix_crc=False),
+              "ChecksumError", "§7.3/§9.4 a blob's CRC is verified before it is decoded", ["§5.3 every label < k"])
 
     # §3.3/§3.4 JSON
     header_text("header_integer_400_digits", text.replace('"sqnr_db":18.0', '"sqnr_db":1' + "0" * 399, 1).encode(),
@@ -1091,6 +1101,20 @@ def _rules_of_1_0_2(B: Draft, text: str, good: bytes, plane: bytes, zstd_fault: 
                 [["header_set", lab + ["offset"], B.ref("ones", 0, "labels")["offset"]]])
     header_edit("chunk_rows_2_53", lambda h: h["tensors"]["ids"].update(chunk_rows=2**53), "HeaderError",
                 "§5.1/§6.1 chunk_rows < 2^53", [["header_set", tpath("ids", "chunk_rows"), B.header["tensors"]["ids"]["chunk_rows"]]])
+    header_edit("offset_negative", lambda h: h["tensors"]["ones"]["chunks"][0]["labels"].update(offset=-64), "HeaderError",
+                "§4.4 offset >= 0", [["header_set", lab + ["offset"], B.ref("ones", 0, "labels")["offset"]]])
+    header_edit("alias_target_not_string", lambda h: h["tensors"]["head"].update(target=["embed"]), "HeaderError",
+                "§4.5 target is a tensor name (a string)", [["header_set", tpath("head", "target"), "embed"]])
+    header_edit("chunks_not_array", lambda h: h["tensors"]["empty"].update(chunks={}), "HeaderError",
+                "§6.1 chunks is an array", [["header_set", tpath("empty", "chunks"), []]])
+
+    def alias_shape(h: dict[str, Any]) -> None:
+        h["tensors"]["embed"]["codec"] = "vq"
+        h["tensors"]["head"]["shape"] = [8, 16]
+
+    header_edit("alias_of_unknown_codec_shape_mismatch", alias_shape, "HeaderError",
+                "§4.5/§10 an alias is compared with a target of unknown codec (same dtype and shape)", [["header", text]],
+                minor=1, also=["§10 the target needs an unknown codec (VersionError, §9.4 step 5)"])
     empty_blob = {"offset": 64, "length": 0, "encoding": "raw", "crc32": 0}
     header_edit("zero_elements_with_chunks", lambda h: h["tensors"]["empty"].update(chunks=[{"planes": [empty_blob] * 4}]),
                 "HeaderError", "§4.6 a tensor with zero elements has no chunks", [["header_set", tpath("empty", "chunks"), []]])
