@@ -12,7 +12,7 @@ import torch
 import wcfmt
 from wcfmt.cli import main
 from wcfmt.errors import UsageError
-from wcfmt.heal import _Gather, project_ascending
+from wcfmt.method.heal import _Gather, project_ascending
 from wcfmt.inspect import verify
 from wcfmt.schema import ClusteredEntry
 

@@ -267,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
         print(url)
         return 0
     if args.command == "transform":
-        from .transforms import transform
+        from .method.transforms import transform
 
         tr = transform(args.src, args.dst, args.mode, tensors=args.tensors, seed=args.seed, a=args.a, b=args.b,
                        p=args.p, scale=args.scale, force=args.force, progress=_progress(args))
@@ -275,7 +275,7 @@ def _run(args: argparse.Namespace) -> int:
             print(tr.summary())
         return 0
     if args.command == "heal":
-        from .heal import heal
+        from .method.heal import heal
 
         hr = heal(args.src, args.dst, args.text, steps=args.steps, lr=args.lr, seq_len=args.seq_len,
                   batch=args.batch, seed=args.seed, tensors=args.tensors, threads=args.threads, force=args.force,
@@ -284,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
             print(hr.summary())
         return 0
     if args.command == "sensitivity":
-        from .sensitivity import sensitivity
+        from .method.sensitivity import sensitivity
 
         sr = sensitivity(args.src, args.text, ks=args.budget_k, tokens=args.tokens, window=args.window,
                          tensors=args.tensors, cache=_cache(args), progress=_progress(args))  # fmt: skip

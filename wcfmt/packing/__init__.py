@@ -159,7 +159,7 @@ def _warn_degenerate(report: PackReport) -> None:
 
 def _pack_with_budget(src: str | Path, dst: str | Path, opts: PackOptions) -> PackReport:
     """``budget_ppl``: per-matrix K from measured sensitivity (`wcfmt.sensitivity.pack_with_budget`)."""
-    from ..sensitivity import pack_with_budget
+    from ..method.sensitivity import pack_with_budget
 
     cache: Any = None
     if opts.cache_dir is not None:
