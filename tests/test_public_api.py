@@ -135,11 +135,11 @@ def test_old_import_paths_still_work() -> None:
     assert PackReport.__name__ == "PackReport" and UnpackReport.__name__ == "UnpackReport"
     assert DEFAULT_BITS == wcfmt.packing.options.DEFAULT_BITS and callable(cluster_for_storage)
     assert callable(wcfmt.pack) and isinstance(wcfmt.packing, types.ModuleType)
-    import wcfmt.method.heal
     from wcfmt.heal import DEFAULTS, heal
+    from wcfmt.method import heal as heal_module, sensitivity as sensitivity_module, transforms as transforms_module
     from wcfmt.sensitivity import choose_k, pack_with_budget
     from wcfmt.transforms import MODES, transform
 
-    assert heal is wcfmt.heal is wcfmt.method.heal.heal and DEFAULTS is wcfmt.method.heal.DEFAULTS
-    assert transform is wcfmt.method.transforms.transform and MODES == wcfmt.method.transforms.MODES
-    assert pack_with_budget is wcfmt.method.sensitivity.pack_with_budget and callable(choose_k)
+    assert heal is wcfmt.heal is heal_module.heal and DEFAULTS is heal_module.DEFAULTS
+    assert transform is transforms_module.transform and MODES == transforms_module.MODES
+    assert pack_with_budget is sensitivity_module.pack_with_budget and callable(choose_k)
