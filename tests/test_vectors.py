@@ -284,3 +284,24 @@ def test_readme_lists_the_newer_minor_vectors() -> None:
         raw = (VECTORS / "invalid" / name).read_bytes()
         if raw[:8] == b"\x89WCLUST\n" and struct.unpack_from("<H", raw, 10)[0] == 1:
             assert f"`{name.removesuffix('.wclust')}`" in readme, name
+
+
+PARTIAL = sorted(n for n, e in MANIFEST["invalid"].items() if "unsupported" in e)
+
+
+@pytest.mark.parametrize("name", PARTIAL)
+def test_newer_minor_file_reads_its_other_tensors(name: str) -> None:
+    """spec §10: a file of a newer minor opens; only a requested tensor that needs an unknown
+    value is refused (VersionError); every other one reads as in fault_base's pinned output."""
+    entry = MANIFEST["invalid"][name]
+    assert entry["error"] == "VersionError"
+    base = st_load(str(VECTORS / "valid" / MANIFEST["valid"]["fault_base.wclust"]["expected"]))
+    with wcfmt.safe_open(VECTORS / "invalid" / name) as f:
+        assert set(entry["unsupported"]) <= set(f.keys())
+        for key in f.keys():
+            if key in entry["unsupported"]:
+                with pytest.raises(wcfmt.VersionError):
+                    f.get_tensor(key)
+            else:
+                assert torch.equal(_bits(f.get_tensor(key)), _bits(base[key])), key
+        assert set(f.keys()) == set(base) | set(entry["unsupported"])

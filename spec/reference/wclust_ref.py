@@ -568,8 +568,10 @@ def decode_lossless(data: bytes, e: dict[str, Any]) -> bytes:
 
 
 # -- whole file --------------------------------------------------------------------------------------
-def decode(data: bytes, *, max_bytes: int | None = None) -> Decoded:
-    """Check and decode every tensor of a file, in the check order of §9.4."""
+def decode(data: bytes, *, max_bytes: int | None = None, names: list[str] | None = None) -> Decoded:
+    """Check and decode the tensors ``names`` asks for (default: every tensor), in the check order
+    of §9.4. Steps 1-4 check the whole file whatever is asked for; steps 5 and 6 only the tensors
+    asked for (an alias's target with it). A name the file does not hold raises KeyError."""
     major, minor, h_off, h_len, h_crc = read_preamble(data)  # 1. preamble
     raw = data[h_off : h_off + h_len]
     if crc32(raw) != h_crc:  # 2. header CRC
@@ -579,30 +581,32 @@ def decode(data: bytes, *, max_bytes: int | None = None) -> Decoded:
     except RecursionError:
         raise HeaderError("header nested too deeply") from None
     check_ranges(h["tensors"], h_off)  # 4. blob ranges (an unknown codec's entry holds no known blob)
-    if unsupported:  # 5. every tensor is requested
-        name, what = next(iter(unsupported.items()))
-        raise VersionError(f"tensor {name!r} needs {what} (file {major}.{minor})")
-    total = sum(math.prod(e["shape"]) * ELEMENT_SIZE[e["dtype"]] for e in h["tensors"].values() if e["codec"] != "alias")
+    tensors = h["tensors"]
+    requested = list(tensors) if names is None else [n for n in tensors if n in set(names)]
+    missing = set(names or []) - set(tensors)
+    if missing:
+        raise KeyError(f"no tensor named {sorted(missing)[0]!r}")
+    for name in requested:  # 5. every requested tensor, before any is decoded
+        if name in unsupported:
+            raise VersionError(f"tensor {name!r} needs {unsupported[name]} (file {major}.{minor})")
+    wanted = {tensors[n]["target"] if tensors[n]["codec"] == "alias" else n for n in requested}
+    stored = [n for n in tensors if n in wanted]  # header order
+    total = sum(math.prod(tensors[n]["shape"]) * ELEMENT_SIZE[tensors[n]["dtype"]] for n in stored)
     if max_bytes is not None and total > max_bytes:
         raise MemoryError(f"decoding needs {total} bytes, above max_bytes={max_bytes}")
     out: dict[str, Tensor] = {}
-    aliases: dict[str, str] = {}
-    for name, e in h["tensors"].items():  # 6. blobs, chunk by chunk, in header order
-        if e["codec"] == "clustered":
-            out[name] = Tensor(e["dtype"], list(e["shape"]), decode_clustered(data, e))
-        elif e["codec"] == "lossless":
-            out[name] = Tensor(e["dtype"], list(e["shape"]), decode_lossless(data, e))
-    for name, e in h["tensors"].items():
-        if e["codec"] == "alias":
-            out[name] = out[e["target"]]
-            aliases[name] = e["target"]
-    ordered = {name: out[name] for name in h["tensors"]}
+    for name in stored:  # 6. blobs, chunk by chunk, in header order
+        e = tensors[name]
+        decoder = decode_clustered if e["codec"] == "clustered" else decode_lossless
+        out[name] = Tensor(e["dtype"], list(e["shape"]), decoder(data, e))
+    aliases = {n: tensors[n]["target"] for n in requested if tensors[n]["codec"] == "alias"}
+    ordered = {name: out[aliases.get(name, name)] for name in requested}
     return Decoded((major, minor), h["producer"], dict(h.get("metadata", {})), ordered, aliases)
 
 
-def decode_file(path: str, *, max_bytes: int | None = None) -> Decoded:
+def decode_file(path: str, *, max_bytes: int | None = None, names: list[str] | None = None) -> Decoded:
     with open(path, "rb") as f:
-        return decode(f.read(), max_bytes=max_bytes)
+        return decode(f.read(), max_bytes=max_bytes, names=names)
 
 
 def main(argv: list[str]) -> int:
