@@ -11,8 +11,8 @@ from .cluster import ClusterPolicy, cluster_tensor
 from .clustered_tensor import ClusteredTensor
 from .packing import PackOptions, pack, unpack
 from .edit import rewrite_centroids
-from .method.heal import heal
-from .method import transforms
+from .heal import heal  # via the 0.2 module name, so that importing it later cannot rebind wcfmt.heal
+from . import transforms
 from .io.folder import load_model, load_state_dict
 from .io.hub import load_from_hub, push_to_hub
 from .io.transformers_io import from_pretrained
