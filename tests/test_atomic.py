@@ -95,3 +95,67 @@ def test_temporary_names_carry_their_writer(tmp_path: Path) -> None:
         assert remove_stale_temps(tmp_path / "x.bin") == []  # its writer (this process) is alive
     finally:
         f.abort()
+
+
+# -- side effects the tests above do not see (mutation audit 0.2: AT1, AT3, AT4) ----------------
+def test_a_live_process_of_another_user_keeps_its_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kill(pid, 0) on another user's process fails with EPERM: the process exists, so its
+    temporary file is in use and stays. (These tests run as root, where pid 1 answers; the other
+    user's process is simulated by os.kill raising PermissionError for that pid only.)"""
+    other, dead = 4_000_001, 4_000_002
+    real_kill = os.kill
+
+    def kill(pid: int, sig: int) -> None:
+        if pid == other:
+            raise PermissionError(1, "Operation not permitted")
+        if pid == dead:
+            raise ProcessLookupError(3, "No such process")
+        real_kill(pid, sig)
+
+    monkeypatch.setattr(os, "kill", kill)
+    live = tmp_path / f".m.wclust.{other}@{_host()}.abc123.tmp"
+    gone = tmp_path / f".m.wclust.{dead}@{_host()}.abc123.tmp"
+    live.write_bytes(b"x")
+    gone.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path / "m.wclust") == [gone]
+    assert live.exists() and not gone.exists()
+
+
+def test_only_whole_temporary_names_are_removed(tmp_path: Path) -> None:
+    """The pattern is anchored at its end: a file that merely starts like a leftover of a dead
+    writer (``....tmp.keep``, ``....tmpx``) is someone's file, not ours, and stays."""
+    dead, host = _dead_pid(), _host()
+    keep = [tmp_path / f".m.wclust.{dead}@{host}.abc123.tmp.keep", tmp_path / f".m.wclust.{dead}@{host}.abc123.tmpx",
+            tmp_path / f".m.wclust.wcfmt-{dead}@{host}.abc123.tmp~"]
+    ours = tmp_path / f".m.wclust.{dead}@{host}.abc123.tmp"
+    for p in keep + [ours]:
+        p.write_bytes(b"x")
+    assert remove_stale_temps(tmp_path / "m.wclust") == [ours]
+    assert all(p.exists() for p in keep)
+
+
+def test_commit_fsyncs_the_data_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """AtomicFile.commit: flush, fsync the temporary file, then rename; seen through patched
+    os.fsync and os.replace (a rename before the data is on disk can leave an empty file after a
+    power cut)."""
+    from wcfmt.atomic import AtomicFile
+
+    events: list[tuple[str, object]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(a: object, b: object) -> None:
+        events.append(("replace", os.stat(a).st_ino))  # type: ignore[arg-type]
+        real_replace(a, b)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    a = AtomicFile(tmp_path / "x.bin")
+    a.file.write(b"data")
+    a.commit()
+    assert (tmp_path / "x.bin").read_bytes() == b"data"
+    ino = (tmp_path / "x.bin").stat().st_ino
+    assert events.index(("fsync", ino)) < events.index(("replace", ino))
