@@ -449,3 +449,26 @@ def _set(h: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
         node = node[k]
     node[keys[-1]] = value
     return h
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "match"),
+    [
+        ("tensors.w.chunks.1.k", 0, "k"),
+        ("tensors.w.chunks.1.label_bits", 8, "label_bits"),
+        ("tensors.w.chunks.1.labels.offset", 96, "offset"),
+        ("tensors.w.chunks.1.centroids.crc32", 2**32, "crc32"),
+        ("tensors.w.chunks.0.centroids.length", 4, "2\\*k"),  # another chunk: its encoding is known
+        ("tensors.w.quality", {"rel_error": "low"}, "quality"),
+        ("tensors.w.dtype", "F64", "clustered"),
+        ("tensors.w.chunk_rows", True, "chunk_rows"),
+        ("tensors.tied.shape", [5, 5], "alias"),
+    ],
+)
+def test_unknown_encoding_entry_keeps_its_other_rules(path: str, value: Any, match: str) -> None:
+    """A clustered entry with a labels blob of unknown encoding (newer minor) is refused only when
+    requested, but each of its other fields is checked as usual."""
+    h = _mutated("tensors.w.chunks.1.labels.encoding", "brotli")
+    assert _parse(h, lenient=True).unsupported == {"w": "encoding 'brotli'", "tied": "encoding 'brotli'"}
+    with pytest.raises(ValueError, match=match):
+        _parse(_set(h, path, value), lenient=True)

@@ -11,7 +11,7 @@ import json
 import math
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
 from .constants import (
@@ -45,6 +45,11 @@ __all__ = [
 
 DTypeName = Literal[tuple(DTYPES)]  # type: ignore[valid-type]
 _U64 = Annotated[int, Field(ge=0, lt=2**63)]
+#: A tensor's shape and a chunk's rows (spec §4.2, §5.1, §6.1).
+_Shape = Annotated[list[Annotated[int, Field(ge=0, lt=2**53)]], Field(max_length=MAX_NDIM)]
+_ChunkRows = Annotated[int, Field(ge=1, lt=2**53)]
+#: A tensor's size in bytes is below this (spec §4.2).
+_MAX_TENSOR_BYTES = 2**63
 
 
 class _Strict(BaseModel):
@@ -95,13 +100,13 @@ class LosslessChunk(_Strict):
 
 class _EntryBase(_Strict):
     dtype: DTypeName
-    shape: Annotated[list[Annotated[int, Field(ge=0, lt=2**53)]], Field(max_length=MAX_NDIM)]
+    shape: _Shape
 
     @model_validator(mode="after")
     def _size_fits(self) -> "_EntryBase":
         # Dimensions are each < 2^53, their product is not: size arithmetic must not overflow
         # 64-bit integers in any reader (spec §4.2).
-        if math.prod(self.shape) * itemsize(self.dtype) >= 2**63:
+        if math.prod(self.shape) * itemsize(self.dtype) >= _MAX_TENSOR_BYTES:
             raise ValueError(f"shape {self.shape} of {self.dtype} is 2^63 bytes or more")
         return self
 
@@ -112,7 +117,7 @@ class ClusteredEntry(_EntryBase):
     model_config = ConfigDict(json_schema_extra=lambda s: s["properties"]["dtype"].update(enum=sorted(CLUSTERABLE)))
 
     codec: Literal["clustered"]
-    chunk_rows: Annotated[int, Field(ge=1, lt=2**53)]
+    chunk_rows: _ChunkRows
     chunks: list[ClusteredChunk]
     #: Optional quality figures measured at encode time (spec §5.6); informative only.
     quality: dict[str, float] | SkipJsonSchema[None] = None
@@ -139,7 +144,7 @@ class LosslessEntry(_EntryBase):
 
     codec: Literal["lossless"]
     transform: Literal["byte_planes", "float_planes"]
-    chunk_rows: Annotated[int, Field(ge=1, lt=2**53)]
+    chunk_rows: _ChunkRows
     chunks: list[LosslessChunk]
 
     @model_validator(mode="after")
@@ -309,12 +314,28 @@ def _split_unknown_codecs(data: Any) -> dict[str, str]:
     return out
 
 
+_STRICT = ConfigDict(strict=True)
+_SHAPE = TypeAdapter(_Shape, config=_STRICT)
+_CHUNK_ROWS = TypeAdapter(_ChunkRows, config=_STRICT)
+_QUALITY = TypeAdapter(dict[str, float], config=_STRICT)
+
+
+def _validated(validator: Any, value: Any, what: str) -> Any:
+    """``validator`` (a model or a TypeAdapter) applied to ``value``; ValueError naming ``what``."""
+    try:
+        return validator.validate_python(value) if isinstance(validator, TypeAdapter) else validator.model_validate(value)
+    except ValidationError as e:
+        raise ValueError(f"{what}: {_describe(e)}") from None
+
+
 def _check_unsupported(name: str, e: dict[str, Any], tensors: dict[str, Any]) -> list[tuple[int, int, str]]:
     """Validate the known fields of an entry that needs an unknown value (spec §10): every rule
-    that does not depend on that value applies as in a file of this version's minor. An unknown
+    that does not depend on that value applies, with the models' own field rules. An unknown
     codec's entry is `dtype`, `shape` and `codec` (its other fields are unknown, so ignored); an
-    unknown dtype skips the rules that need its element size. Return the entry's blobs (none for
-    an unknown codec: which of its fields are blobs is unknown). Raise ValueError on a fault."""
+    unknown dtype skips the rules that need its element size; a blob of unknown encoding is
+    checked as if raw, and a centroid table of unknown encoding skips "raw, 2*k bytes". Return
+    the entry's blobs (none for an unknown codec: which of its fields are blobs is unknown).
+    Raise ValueError on a fault."""
     w = f"tensor {name!r}"
     codec = e.get("codec")
     known_codec = codec in (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias")
@@ -323,13 +344,11 @@ def _check_unsupported(name: str, e: dict[str, Any], tensors: dict[str, Any]) ->
     missing = [f for f in ("dtype", "shape", "codec", *fields) if f not in e]
     if missing:
         raise ValueError(f"{w}: missing field(s) {missing}")
-    dtype, shape = e["dtype"], e["shape"]
+    dtype, shape = e["dtype"], _validated(_SHAPE, e["shape"], f"{w} shape")
     if not isinstance(dtype, str):
         raise ValueError(f"{w}: dtype must be a string")
-    if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(type(d) is int and 0 <= d < 2**53 for d in shape)):
-        raise ValueError(f"{w}: shape must be an array of at most {MAX_NDIM} integers in [0, 2^53)")
     size = itemsize(dtype) if dtype in DTYPES else None
-    if size is not None and math.prod(shape) * size >= 2**63:
+    if size is not None and math.prod(shape) * size >= _MAX_TENSOR_BYTES:
         raise ValueError(f"{w}: shape {shape} of {dtype} is 2^63 bytes or more")
     # spec §3.4 on its known fields (a lone surrogate in a dtype or codec string; the unknown
     # fields of an unknown codec are ignored whatever they hold)
@@ -343,53 +362,46 @@ def _check_unsupported(name: str, e: dict[str, Any], tensors: dict[str, Any]) ->
         return []
     if not known_codec:
         return []
-    if not (type(e["chunk_rows"]) is int and 1 <= e["chunk_rows"] < 2**53):
-        raise ValueError(f"{w}: chunk_rows must be an integer in [1, 2^53)")
+    _validated(_CHUNK_ROWS, e["chunk_rows"], f"{w} chunk_rows")
     if not isinstance(e["chunks"], list):
         raise ValueError(f"{w}: chunks must be an array")
     blobs: list[tuple[int, int, str]] = []
 
-    def blob(b: Any, what: str) -> bool:  # spec §4.4; True when its encoding is known
-        if not isinstance(b, dict) or set(b) != set(Blob.model_fields):
-            raise ValueError(f"{w} {what}: a blob is an object of {sorted(Blob.model_fields)}")
-        if not (type(b["offset"]) is int and 0 <= b["offset"] < 2**63 and b["offset"] % ALIGNMENT == 0):
-            raise ValueError(f"{w} {what}: offset must be a multiple of {ALIGNMENT} in [0, 2^63)")
-        if not (type(b["length"]) is int and 0 <= b["length"] < 2**63):
-            raise ValueError(f"{w} {what}: length must be an integer in [0, 2^63)")
-        if not (type(b["crc32"]) is int and 0 <= b["crc32"] < 2**32):
-            raise ValueError(f"{w} {what}: crc32 must be an integer in [0, 2^32)")
-        if not isinstance(b["encoding"], str):
-            raise ValueError(f"{w} {what}: encoding must be a string")
-        blobs.append((b["offset"], b["length"], f"tensor {name!r} {what}"))
-        return b["encoding"] in (ENCODING_RAW, ENCODING_ZSTD)
+    def as_raw(b: Any) -> Any:  # a blob of an unknown (string) encoding, as the Blob model sees it
+        unknown = isinstance(b, dict) and isinstance(b.get("encoding"), str) and b["encoding"] not in (ENCODING_RAW, ENCODING_ZSTD)
+        return dict(b, encoding=ENCODING_RAW) if unknown else b
+
+    def blob(b: Any, what: str) -> Blob:  # spec §4.4
+        ref = _validated(Blob, as_raw(b), f"{w} {what}")
+        blobs.append((ref.offset, ref.length, f"tensor {name!r} {what}"))
+        return ref
 
     for i, c in enumerate(e["chunks"]):
+        if not isinstance(c, dict):
+            raise ValueError(f"{w} chunk {i}: a chunk is an object")
         if codec == CODEC_CLUSTERED:
-            if not isinstance(c, dict) or set(c) != set(ClusteredChunk.model_fields):
-                raise ValueError(f"{w} chunk {i}: a chunk is an object of {sorted(ClusteredChunk.model_fields)}")
-            k = c["k"]
-            if not (type(k) is int and 1 <= k <= MAX_K):
-                raise ValueError(f"{w} chunk {i}: k must be an integer in 1..{MAX_K}")
-            if type(c["label_bits"]) is not int or c["label_bits"] != label_bits_for_k(k):
-                raise ValueError(f"{w} chunk {i}: label_bits must be {label_bits_for_k(k)} for k={k}")
-            if blob(c["centroids"], f"chunk {i} centroids") and (
-                c["centroids"]["encoding"] != ENCODING_RAW or c["centroids"]["length"] != 2 * k
-            ):
-                raise ValueError(f"{w} chunk {i}: centroids must be a raw blob of 2*k = {2 * k} bytes")
-            blob(c["labels"], f"chunk {i} labels")
+            for key in ("centroids", "labels"):
+                blob(c.get(key), f"chunk {i} {key}")
+            stand_in = dict(c, labels=as_raw(c.get("labels")))
+            cent = c.get("centroids")
+            if as_raw(cent) is not cent:  # unknown encoding: no "raw, 2*k bytes" for it
+                k = c.get("k")
+                stand_in["centroids"] = dict(cent, encoding=ENCODING_RAW, length=2 * k if type(k) is int else 0)
+            _validated(ClusteredChunk, stand_in, f"{w} chunk {i}")
         else:
-            if not isinstance(c, dict) or set(c) != {"planes"} or not isinstance(c["planes"], list):
-                raise ValueError(f"{w} chunk {i}: a chunk is an object of planes")
-            if size is not None and len(c["planes"]) != size:
-                raise ValueError(f"{w} chunk {i} has {len(c['planes'])} planes, dtype {dtype} needs {size}")
-            for j, p in enumerate(c["planes"]):
+            planes = c.get("planes")
+            if not isinstance(planes, list):
+                raise ValueError(f"{w} chunk {i}: planes must be an array")
+            _validated(LosslessChunk, dict(c, planes=[]), f"{w} chunk {i}")  # its keys
+            if size is not None and len(planes) != size:
+                raise ValueError(f"{w} chunk {i} has {len(planes)} planes, dtype {dtype} needs {size}")
+            for j, p in enumerate(planes):
                 blob(p, f"chunk {i} plane {j}")
     if codec == CODEC_CLUSTERED:
         if size is not None and dtype not in CLUSTERABLE:
             raise ValueError(f"{w}: dtype {dtype} cannot be clustered (allowed: {sorted(CLUSTERABLE)})")
-        quality = e.get("quality", {})
-        if not (isinstance(quality, dict) and all(type(v) in (int, float) for v in quality.values())):
-            raise ValueError(f"{w}: quality must map strings to numbers")
+        if "quality" in e:
+            _validated(_QUALITY, e["quality"], f"{w} quality")
     else:
         if not isinstance(e["transform"], str):
             raise ValueError(f"{w}: transform must be a string")
