@@ -11,6 +11,12 @@ that undo just that fault; the repaired file must verify. `manifest.json` lists 
 fields are documented in spec/vectors/README.md). Vectors are built from fixed seeds and
 hand-made ClusteredTensors (not the clustering engine), so tuning the engine never changes them:
 only a change to the bytes on disk does (spec §10).
+
+Some valid files are assembled here blob by blob (`Hand`, `hand_vectors`): zstd frames written
+byte by byte (`hand_frame`: several blocks, RLE, a Window_Descriptor, a content checksum, 4- and
+8-byte content sizes), clustered scalars and zero-element tensors, and a sharded folder
+(`valid/sharded/`: an index and two shards, listed under the manifest's `folders`). Their
+expected values are computed here too, and must equal the reference decoder's output.
 """
 
 from __future__ import annotations
