@@ -79,3 +79,46 @@ def test_transforms_say_so_in_the_copied_card(packed: tuple[Path, Path], tmp_pat
     plain.mkdir()
     (plain / "README.md").write_text("# my notes\n")
     assert note_edit(plain, ["x"]) is False and (plain / "README.md").read_text() == "# my notes\n"
+
+
+# -- every figure of the card's tables, hand-worked (mutation audit 0.2: CA1-CA4) -------------------
+def _row(name: str, codec: str, shape: tuple[int, ...], packed: int, k: tuple[int, int] | None, sqnr: float | None) -> object:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(name=name, codec=codec, shape=shape, packed_bytes=packed, k_min=k[0] if k else None,
+                           k_max=k[1] if k else None, quality={"sqnr_db": sqnr} if sqnr is not None else None)
+
+
+def test_class_table_figures_by_hand() -> None:
+    """Two q_proj matrices (K 16 and 40, SQNR 20 and 26 dB, 300 + 500 bytes over 2 × 32×20
+    weights), one lossless norm and an alias: bits/weight = 800·8/1280 = 5.0, K 16–40, SQNR the
+    mean 23.0; the norm 64 bytes over 16 weights = 32.0 bits; the alias is not a row."""
+    from types import SimpleNamespace
+
+    from wcfmt.io.card import class_table
+
+    info = SimpleNamespace(rows=[
+        _row("model.layers.0.self_attn.q_proj.weight", "clustered", (32, 20), 300, (16, 16), 20.0),
+        _row("model.layers.1.self_attn.q_proj.weight", "clustered", (32, 20), 500, (40, 40), 26.0),
+        _row("model.layers.0.input_layernorm.weight", "lossless", (16,), 64, None, None),
+        _row("lm_head.weight", "alias", (32, 20), 0, None, None),
+    ])
+    q, norm = class_table(info)
+    assert q == {"class": "self_attn.q_proj.weight", "codec": "clustered", "tensors": 2, "weights": 1280, "bytes": 800,
+                 "k_min": 16, "k_max": 40, "bits_per_weight": 5.0, "sqnr_db": 23.0}
+    assert norm["class"] == "input_layernorm.weight" and norm["bits_per_weight"] == 32.0
+    assert norm["sqnr_db"] is None and norm["k_min"] is None
+
+
+def test_settings_rows_name_every_setting() -> None:
+    """The card's settings table: method, bits, k, chunk_rows, include, exclude, level in that
+    order (lists as JSON), then the extra settings sorted by name; unset ones left out."""
+    from types import SimpleNamespace
+
+    from wcfmt.io.card import _settings_rows
+
+    settings = {"method": "ecsq", "bits": 4.5, "k": None, "chunk_rows": 256, "include": ["a.*"], "level": 3,
+                "extra": {"calib": "random", "bits_embed": "6.0"}}
+    info = SimpleNamespace(files=[{"settings": None}, {"settings": settings}])
+    assert _settings_rows(info) == [("method", "ecsq"), ("bits", "4.5"), ("chunk_rows", "256"), ("include", '["a.*"]'),
+                                    ("level", "3"), ("bits_embed", "6.0"), ("calib", "random")]
