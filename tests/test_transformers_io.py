@@ -171,3 +171,122 @@ def test_unknown_architecture() -> None:
     with pytest.raises(UsageError, match=r"'nosuch'.*NoSuchModelForCausalLM.*model_class="):
         model_class_for(Config())
     assert model_class_for(transformers.BertConfig(architectures=["BertForMaskedLM"])) is transformers.BertForMaskedLM
+
+
+# -- the device path (wcfmt.io.transformers_io._decoded_on_device), run here on the CPU ---------------
+def _same_model(model: torch.nn.Module, ref: torch.nn.Module) -> None:
+    a, b = model.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    assert all(not t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+@pytest.mark.parametrize("backend", ["numpy", "torch"])  # "torch": the staging pipeline a GPU runs
+def test_device_path_equals_the_cpu_path(
+    llama: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch,
+    tied: bool, dtype: torch.dtype | None, backend: str,
+) -> None:
+    from wcfmt.io.transformers_io import _decoded_on_device
+
+    if tied:
+        packed = llama[0]
+    else:
+        root = tmp_path_factory.mktemp("untied")
+        wcfmt.pack(tiny_llama_folder(root / "src", tied=False), root / "packed", k=16)
+        packed = root / "packed"
+    monkeypatch.setenv("WCFMT_BACKEND", backend)
+    config = transformers.AutoConfig.from_pretrained(packed)
+    model = _decoded_on_device(transformers.LlamaForCausalLM, config, packed, torch.device("cpu"), dtype, {}).eval()
+    ref = wcfmt.from_pretrained(packed, dtype=dtype)
+    _same_model(model, ref)
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) is tied
+    assert all(isinstance(p, torch.nn.Parameter) for p in model.parameters())
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref(ids).logits)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False),
+                       ref.generate(ids, max_new_tokens=8, do_sample=False))
+
+
+def test_device_path_bert_buffers(tmp_path: Path) -> None:
+    from wcfmt.io.transformers_io import _decoded_on_device
+
+    wcfmt.pack(tiny_sentence_bert_folder(tmp_path / "src"), tmp_path / "packed", k=16)
+    ref = wcfmt.from_pretrained(tmp_path / "packed")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "packed")
+    model = _decoded_on_device(transformers.BertModel, config, tmp_path / "packed", torch.device("cpu"), None, {})
+    _same_model(model.eval(), ref)
+    ids = torch.tensor([[2, 7, 9, 11, 3]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).last_hidden_state, ref(ids).last_hidden_state)
+
+
+def test_device_path_leaves_fused_weights_to_the_cpu_path(tmp_path: Path) -> None:
+    # transformers 5 fuses Mixtral's per-expert matrices on load: the model's keys are not the file's
+    from wcfmt.io.transformers_io import _decoded_on_device
+
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=64, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=32,
+    )  # fmt: skip
+    transformers.MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    wcfmt.pack(tmp_path / "src", tmp_path / "packed", k=16)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "packed")
+    got = _decoded_on_device(transformers.MixtralForCausalLM, config, tmp_path / "packed", torch.device("cpu"), None, {})
+    assert got is None
+    wcfmt.unpack(tmp_path / "packed", tmp_path / "unpacked")
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked")
+    _same_model(wcfmt.from_pretrained(tmp_path / "packed"), ref)
+
+
+def test_device_path_missing_weights_are_an_error(tmp_path: Path) -> None:
+    import safetensors.torch
+
+    from wcfmt.io.transformers_io import _decoded_on_device
+
+    src = tiny_llama_folder(tmp_path / "src")
+    sd = safetensors.torch.load_file(src / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    safetensors.torch.save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    wcfmt.pack(src, tmp_path / "packed", k=16)
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "packed")
+    with pytest.raises(FormatError, match=r"expects 1 weight.*layers\.1\.mlp\.up_proj"):
+        _decoded_on_device(transformers.LlamaForCausalLM, config, tmp_path / "packed", torch.device("cpu"), None, {})
+
+
+def test_device_map_names_one_device(llama: tuple[Path, Path]) -> None:
+    from wcfmt.io.transformers_io import _one_device
+
+    cuda0 = torch.device("cuda", 0)
+    assert _one_device(None, None) is None
+    assert _one_device("cpu", None) == torch.device("cpu")
+    assert _one_device(None, "cuda:0") == _one_device(None, 0) == _one_device(None, {"": "cuda:0"}) == cuda0
+    assert _one_device(None, {"": cuda0}) == _one_device("cuda:0", "cuda:0") == cuda0
+    assert _one_device(None, "auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for bad in ("balanced", {"model": "cpu", "lm_head": "cuda:0"}, "nowhere", -1):
+        with pytest.raises(UsageError, match="one device"):
+            _one_device(None, bad)
+    with pytest.raises(UsageError, match="disagree"):
+        _one_device("cpu", "cuda:0")
+    model = wcfmt.from_pretrained(llama[0], device_map="cpu")
+    assert model.device == torch.device("cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_model_equals_the_cpu_model(llama: tuple[Path, Path]) -> None:
+    model = wcfmt.from_pretrained(llama[0], device="cuda")
+    ref = wcfmt.from_pretrained(llama[0])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert all(t.device.type == "cuda" for t in list(model.parameters()) + list(model.buffers()))
+    a, b = model.state_dict(), ref.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name].cpu(), b[name]), name
+    ids = torch.tensor([[1, 5, 9, 33, 2, 70]])
+    out = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
+    assert out.shape == (1, 14)

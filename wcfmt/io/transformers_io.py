@@ -75,6 +75,7 @@ def from_pretrained(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    threads: int | None = None,
     **kwargs: Any,
 ) -> Any:
     """Load a packed model folder (or Hub repository) as a transformers model, in eval mode.
@@ -84,7 +85,8 @@ def from_pretrained(
     ``architectures``, see `model_class_for`). ``dtype``: cast floating-point weights (default:
     the dtype they were stored in). ``device``: where the weights are decoded and the model
     placed (default CPU); ``device_map`` is taken as ``device`` when it names one device
-    (``"cuda"``, ``0``, ``{"": "cuda:1"}``). Other keyword arguments go to
+    (``"cuda"``, ``0``, ``{"": "cuda:1"}``; ``"auto"``: the first GPU, or the CPU without one). ``threads``: decode threads (default: every CPU).
+    Other keyword arguments go to
     ``AutoConfig.from_pretrained`` when they are config attributes, otherwise to the model's
     ``from_pretrained`` (``attn_implementation``, ...). Sentence-transformers folders load as
     their transformer (``BertModel``, ...); their ``1_Pooling/`` and other module folders travel
@@ -115,9 +117,9 @@ def from_pretrained(
     want = torch_dtype_of(dtype) if dtype is not None else None
     model = None
     if dev is not None and dev.type != "cpu":
-        model = _decoded_on_device(cls, config, folder, dev, want, model_kwargs)
+        model = _decoded_on_device(cls, config, folder, dev, want, model_kwargs, threads)
     if model is None:
-        model = _assigned(cls, config, folder, want, model_kwargs)
+        model = _assigned(cls, config, folder, want, model_kwargs, threads)
     if dev is not None:
         model.to(dev)  # buffers (rotary tables, position ids) are built on the CPU
     model.eval()
@@ -130,10 +132,15 @@ def _one_device(device: str | torch.device | None, device_map: Any) -> torch.dev
         return torch.device(device) if device is not None else None
     if isinstance(device_map, dict) and set(device_map) == {""}:
         device_map = device_map[""]
+    if device_map == "auto":  # one device: the first GPU where there is one
+        device_map = "cuda" if torch.cuda.is_available() else "cpu"
     if isinstance(device_map, int) and not isinstance(device_map, bool) and device_map >= 0:
         device_map = torch.device("cuda", device_map)
-    if isinstance(device_map, str) and device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
-        device_map = torch.device(device_map)
+    if isinstance(device_map, str) and device_map not in ("balanced", "balanced_low_0", "sequential"):
+        try:
+            device_map = torch.device(device_map)
+        except RuntimeError:
+            pass  # not a device name: refused below
     if not isinstance(device_map, torch.device):
         raise UsageError(f"device_map={device_map!r}: wcfmt.from_pretrained places the whole model on one device "
                          "(device='cuda', device_map='cuda:0' or {'': 'cuda:0'})")
@@ -142,11 +149,12 @@ def _one_device(device: str | torch.device | None, device_map: Any) -> torch.dev
     return device_map
 
 
-def _assigned(cls: type, config: Any, folder: Any, want: torch.dtype | None, model_kwargs: dict[str, Any]) -> Any:
+def _assigned(cls: type, config: Any, folder: Any, want: torch.dtype | None, model_kwargs: dict[str, Any],
+              threads: int | None = None) -> Any:
     """The model built by transformers around the decoded CPU state dict (its tensors assigned)."""
     from .folder import load_state_dict
 
-    state = load_state_dict(folder, device="cpu", dtype=want)
+    state = load_state_dict(folder, device="cpu", dtype=want, threads=threads)
     if want is None:
         want = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model, info = _build(cls, config, state, want, model_kwargs)
