@@ -1,0 +1,51 @@
+"""Boundary cases of the limits wcfmt's reader enforces (spec §3.2 header length, §7.1 zstd
+window and dictionary), each from the numbers in the spec's text (mutation audit 0.2: RD2, RD3,
+RD5). The vectors hold one window (2^28) and one dictionary flag (1); these hold the edges."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import zstandard
+
+from zstd_frames import MIB, frame, window_bytes
+from wcfmt.constants import MAGIC, VERSION_MAJOR
+from wcfmt.errors import FormatError
+from wcfmt.reader import _zstd_frame_rules, read_preamble
+
+#: spec §3.2: "whose header_length exceeds 104,857,600 (100 MiB ...)" is rejected.
+SPEC_HEADER_CAP = 104_857_600
+
+
+def _preamble(h_len: int) -> bytes:
+    return struct.pack("<8sHHIQQI28s", MAGIC, VERSION_MAJOR, 0, 0, 64, h_len, 0, bytes(28))
+
+
+def test_header_length_at_the_cap_is_accepted_one_more_is_not() -> None:
+    assert read_preamble(_preamble(SPEC_HEADER_CAP), 64 + SPEC_HEADER_CAP, "f")[3] == SPEC_HEADER_CAP
+    with pytest.raises(FormatError, match="exceeds"):
+        read_preamble(_preamble(SPEC_HEADER_CAP + 1), 64 + SPEC_HEADER_CAP + 1, "f")
+
+
+@pytest.mark.parametrize("descriptor", [0x00, 0x50, 0x87, 0x88])
+def test_windows_up_to_128_mib_are_accepted(descriptor: int) -> None:
+    assert window_bytes(descriptor) <= 128 * MIB
+    f = frame(window=descriptor)
+    _zstd_frame_rules(f)
+    assert zstandard.ZstdDecompressor().decompress(f) == b"wclust" * 50  # a valid frame otherwise
+
+
+@pytest.mark.parametrize("descriptor", [0x89, 0x8F, 0x90, 0xF8])
+def test_windows_over_128_mib_are_rejected(descriptor: int) -> None:
+    """0x89 is 144 MiB and 0x8F 240 MiB: the same exponent as 128 MiB, so the mantissa counts."""
+    assert window_bytes(descriptor) > 128 * MIB
+    with pytest.raises(ValueError, match="window"):
+        _zstd_frame_rules(frame(window=descriptor))
+
+
+@pytest.mark.parametrize("flag", [1, 2, 3])
+def test_every_dictionary_flag_is_rejected(flag: int) -> None:
+    with pytest.raises(ValueError, match="dictionar"):
+        _zstd_frame_rules(frame(dict_flag=flag))
+    _zstd_frame_rules(frame(dict_flag=0))
