@@ -271,6 +271,19 @@ def test_damaged_chunk_names_file_tensor_and_chunk(sources: dict[str, Path], tmp
     assert_bit_equal(state["clu.f16"], wcfmt.load_file(sources["mixed"])["clu.f16"])
 
 
+
+def test_max_bytes_caps_each_chunk(sources: dict[str, Path]) -> None:
+    """max_bytes (spec §9.1) applies to every chunk a rank decodes: UsageError before allocating."""
+    with WclustReader(sources["mixed"], max_bytes=100) as reader:
+        with pytest.raises(CheckpointException) as info:
+            _load({"clu.bf16": torch.zeros(37, 12, dtype=torch.bfloat16)}, reader, no_dist=True)
+        err = info.value.failures[0][0]
+        assert isinstance(err, wcfmt.UsageError) and "tensor 'clu.bf16': chunk 0: decoding needs 120 bytes" in str(err)
+        state = {"norm": torch.zeros(13)}  # 12 + 1 rows of F32: 48 bytes at most
+        _load(state, reader, no_dist=True)
+    assert_bit_equal(state["norm"], wcfmt.load_file(sources["mixed"])["norm"])
+
+
 # -- gloo: 2 and 4 processes --------------------------------------------------------------------
 def _shard_box(shape: list[int], mesh_shape: list[int], coord: list[int], placements: list[str]) -> list[slice]:
     """The box of the global tensor a rank holds, from the placements alone: each mesh
