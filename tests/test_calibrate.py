@@ -224,16 +224,50 @@ def _weighted_problem(seed: int, rows: int = 90, cols: int = 70):  # type: ignor
     return w, grid, omega, code_bits
 
 
-@pytest.mark.parametrize("lam", [0.0, 1e-5, 3e-4])
-def test_diagonal_is_the_gptq_loop_with_a_diagonal_factor(lam: float) -> None:
+def windowed_choice(w: np.ndarray, omega: np.ndarray, grid: np.ndarray, lam: float, bits: np.ndarray | None) -> np.ndarray:
+    """The documented rule by brute force, weight by weight: among the grid values at most two
+    steps from the nearest (ties to the lower), the least ω_j·(w − c)² + λ·bits(c), the lowest
+    of ties. Nothing shared with the module (no padded grid, no candidate window array)."""
+    near = nearest(w, grid)
+    if not lam:
+        return near
+    out = np.empty_like(near)
+    for (r, c), x in np.ndenumerate(w):
+        best, arg = np.inf, -1
+        for i in range(max(0, near[r, c] - 2), min(grid.size, near[r, c] + 3)):
+            cost = omega[c] * (x - grid[i]) ** 2 + lam * bits[i]
+            if cost < best:
+                best, arg = cost, i
+        out[r, c] = arg
+    return out
+
+
+@pytest.mark.parametrize("lam", [0.0, 1e-5, 3e-4, 3e-3])
+def test_diagonal_and_the_gptq_loop_follow_the_windowed_rule(lam: float) -> None:
     for seed in range(3):
-        w, grid, omega, bits = _weighted_problem(seed)
+        w, grid, omega, bits = _weighted_problem(seed, rows=40)
+        want = windowed_choice(w, omega, grid, lam, bits)
         got = _diagonal(w, omega, grid, lam, bits if lam else None)
+        assert np.array_equal(got, want)
         loop = _gptq(w, np.diag(1 / np.sqrt(omega)), grid, lam, bits if lam else None)  # U_jj = 1/√ω, nothing fed on
-        assert np.array_equal(got, loop)
+        assert np.array_equal(loop, want)
         if lam:  # the entropy term moves labels, more where ω is small
             moved = got != nearest(w, grid)
             assert moved.any() and moved[:, omega < 0.5].mean() > moved[:, omega > 2].mean()
+        if lam == 3e-3:  # and at this slope some labels move two steps: the window is ±2, not ±1
+            assert (np.abs(got.astype(int) - nearest(w, grid)) == 2).any()
+
+
+def test_diagonal_ties_go_to_the_lower_value() -> None:
+    """w = 0.75 on {0, 1}, ω = 1, λ = 1, code lengths 0 and 0.5 bits: 0.5625 + 0 = 0.0625 + 0.5
+    exactly (binary fractions), so the lower value wins, on every path."""
+    w, grid, bits, omega = np.array([[0.75]]), np.array([0.0, 1.0]), np.array([0.0, 0.5]), np.ones(1)
+    assert _diagonal(w, omega, grid, 1.0, bits).tolist() == [[0]]
+    assert _gptq(w, np.eye(1), grid, 1.0, bits).tolist() == [[0]]
+    pattern = np.array([[0x3A00]], dtype=np.uint16)  # 0.75 in fp16
+    assert _diagonal_16bit(pattern, "F16", omega, grid, 1.0, bits).tolist() == [[0]]
+    # just off the tie, the cheaper side wins
+    assert _diagonal(np.array([[0.76]]), omega, grid, 1.0, bits).tolist() == [[1]]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -248,18 +282,43 @@ def test_diagonal_by_tables_equals_diagonal(dtype: torch.dtype) -> None:
         assert np.array_equal(_diagonal_16bit(patterns, name_of(dtype), omega, grid, lam, bits), want)
 
 
-def test_column_weights_are_the_factors_diagonal_rounded() -> None:
-    d = np.array([0.0, 1e-3, 0.5, 1.0, 4.0, 30.0])
-    omega = column_weights(d)
-    exact = 1 / np.diag(inverse_cholesky(np.diag(d))) ** 2  # what the GPTQ loop would weigh
-    assert omega[1] == 0.25 and exact[1] < 0.02  # the floor: a column counts at least a quarter
-    assert np.allclose(omega, np.maximum(exact, 0.25), rtol=0.091)  # a quarter of an octave
-    assert np.allclose(np.log2(omega) * 4, np.round(np.log2(omega) * 4), rtol=0, atol=1e-9)
-    assert omega[0] == pytest.approx(1.01, rel=0.091)  # a column that never fires: 1 + damp
+def test_column_weights_hand_worked() -> None:
+    """d over the mean of the positive d, + 1% damp, at least 1/4, rounded to quarter octaves
+    (2^(k/4)). The positive d below average 1 (× 7, any scale): 1.085 + 0.01 = 1.095 crosses
+    the rounding boundary 2^(1/8) = 1.0905 → 2^(1/4), and 0.915 + 0.01 crosses 2^(-1/8) = 0.9170
+    → 1 (without the damp: 1 and 2^(-1/4)); a dead column (0) is 1 + damp → 1; 1e-4 → the floor
+    1/4; 1.9999 → 2."""
+    d = np.array([1.085, 0.915, 0.0, 1e-4, 1.9999]) * 7.0
+    assert column_weights(d).tolist() == pytest.approx([2 ** 0.25, 1.0, 1.0, 0.25, 2.0], rel=1e-12)
+    assert 1.085 < 2 ** 0.125 < 1.095 and 0.915 < 2 ** -0.125 < 0.925
     with pytest.raises(UsageError, match="3 entries but the weight has 6"):
         column_weights(d[:3], cols=6)
     with pytest.raises(UsageError, match="NaN"):
         column_weights(np.array([1.0, np.nan]))
+
+
+def _entropy_by_chunk(c: ClusteredTensor) -> float:
+    """Each chunk's empirical label entropy weighted by its share of the labels (report.quality's
+    definition), from the labels."""
+    lab = c.labels.numpy()
+    total, h = lab.size, 0.0
+    for a, b in c.row_ranges():
+        n = np.bincount(lab[a:b].reshape(-1)).astype(np.float64)
+        p = n[n > 0] / n.sum()
+        h += float(-(p * np.log2(p)).sum()) * lab[a:b].size / total
+    return h
+
+
+def test_calibrated_bits_per_weight_move_with_the_label_entropy() -> None:
+    rng = np.random.default_rng(12)
+    w = torch.tensor(rng.standard_t(4, size=(64, 48)) * 0.02, dtype=torch.float32)
+    c0 = cluster_tensor(w, bits=4.0)
+    ct = ClusteredTensor(labels=c0.labels, centroids=c0.centroids, chunk_rows=c0.chunk_rows, dtype=c0.dtype,
+                         shape=c0.shape, quality={**c0.quality, "bits_per_weight": 4.25})  # as pack records it
+    out = calibrate_clustered(ct, w, rng.lognormal(0.0, 2.0, size=48), lam=ct.quality["lambda"] * 3)
+    moved = _entropy_by_chunk(out) - _entropy_by_chunk(ct)
+    assert moved < -0.01  # the entropy term lowered it
+    assert out.quality["bits_per_weight"] - ct.quality["bits_per_weight"] == pytest.approx(moved, abs=1e-9)
 
 
 def test_calibrate_clustered_with_a_diagonal_lowers_the_weighted_error() -> None:
@@ -268,7 +327,8 @@ def test_calibrate_clustered_with_a_diagonal_lowers_the_weighted_error() -> None
     d = rng.lognormal(0.0, 2.0, size=64)
     ct = cluster_tensor(w, bits=4.0).rechunk(32)
     lam = ct.quality["lambda"]
-    w64, omega = w.double().numpy(), column_weights(d)
+    # scored with the inputs' plain importance d/mean(d) (+1%), not the module's rounded ω
+    w64, omega = w.double().numpy(), d / d.mean() + 0.01
     counts = np.bincount(ct.labels.numpy().reshape(-1), minlength=ct.ks[0])
     code_bits = -np.log2(np.maximum(counts, 1) / counts.sum())
 
