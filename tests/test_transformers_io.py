@@ -290,3 +290,19 @@ def test_cuda_model_equals_the_cpu_model(llama: tuple[Path, Path]) -> None:
     ids = torch.tensor([[1, 5, 9, 33, 2, 70]])
     out = model.generate(ids.cuda(), max_new_tokens=8, do_sample=False)
     assert out.shape == (1, 14)
+
+
+def test_device_path_gives_way_when_set_up_writes_a_weight(
+    llama: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # an expanded placeholder refuses in-place writes; the caller then takes the CPU path
+    from wcfmt.io import transformers_io
+
+    def writes(cls, config, state, want, model_kwargs):  # type: ignore[no-untyped-def]
+        next(iter(state.values())).add_(1)
+        raise AssertionError("unreachable: the write above raises")
+
+    monkeypatch.setattr(transformers_io, "_build", writes)
+    config = transformers.AutoConfig.from_pretrained(llama[0])
+    cls = transformers.LlamaForCausalLM
+    assert transformers_io._decoded_on_device(cls, config, llama[0], torch.device("cpu"), None, {}) is None

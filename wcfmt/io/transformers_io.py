@@ -85,8 +85,8 @@ def from_pretrained(
     ``architectures``, see `model_class_for`). ``dtype``: cast floating-point weights (default:
     the dtype they were stored in). ``device``: where the weights are decoded and the model
     placed (default CPU); ``device_map`` is taken as ``device`` when it names one device
-    (``"cuda"``, ``0``, ``{"": "cuda:1"}``; ``"auto"``: the first GPU, or the CPU without one). ``threads``: decode threads (default: every CPU).
-    Other keyword arguments go to
+    (``"cuda"``, ``0``, ``{"": "cuda:1"}``; ``"auto"``: the first GPU, or the CPU without one).
+    ``threads``: decode threads (default: every CPU). Other keyword arguments go to
     ``AutoConfig.from_pretrained`` when they are config attributes, otherwise to the model's
     ``from_pretrained`` (``attn_implementation``, ...). Sentence-transformers folders load as
     their transformer (``BertModel``, ...); their ``1_Pooling/`` and other module folders travel
@@ -227,7 +227,12 @@ def _decoded_on_device(cls: type, config: Any, folder: Any, dev: torch.device, w
         for n, t in placeholders.items():
             owner.setdefault(t.data_ptr(), n)
         # (placeholders stays alive to the end: a freed one's address could be reused and misread)
-        model, info = _build(cls, config, placeholders, want, model_kwargs)
+        try:
+            model, info = _build(cls, config, placeholders, want, model_kwargs)
+        except RuntimeError:
+            # a model whose set-up writes into a loaded weight (an expanded placeholder refuses
+            # in-place writes): the CPU path builds it from real tensors, and raises real errors
+            return None
         _check_missing(model, info, folder, cls)
 
         # Every place a persistent tensor sits, grouped by the tensor object (tied weights: one group).
