@@ -222,3 +222,15 @@ def test_a_reachable_budget_is_not_capped(tmp_path: Path) -> None:
         report = wcfmt.pack(src, tmp_path / "m.wclust", bits=4.0)
     assert report.capped == {} and "bits_cap" not in _extra(tmp_path / "m.wclust")
     assert set(report.stages) == {"plan", "allocate", "encode+write"}
+
+
+def test_pack_keeps_every_keyword_of_0_2() -> None:
+    """`wcfmt.pack`'s keywords of 0.2 are promised names: each is still a PackOptions field."""
+    old = ["k", "bits", "bits_embed", "embed_weight", "chunk_rows", "include", "exclude", "k_overrides",
+           "bits_overrides", "embeddings", "embed_importance", "calib", "calib_tokens", "level", "threads", "force",
+           "progress", "base_model", "quality_note", "remote_code", "push_to_hub", "token"]
+    assert set(old) <= set(PackOptions.model_fields)
+    import inspect
+
+    params = inspect.signature(wcfmt.pack).parameters
+    assert list(params)[:3] == ["src", "dst", "options"] and params["fields"].kind is inspect.Parameter.VAR_KEYWORD
