@@ -207,6 +207,7 @@ def test_a_budget_above_the_cap_is_recorded_warned_and_shown(tmp_path: Path) -> 
 
     assert f"model: requested 9 bits/weight, achieved {stored:.2f}: K <= 256 per chunk" in format_table(
         info(tmp_path / "m.wclust"))
+    assert info(tmp_path / "m.wclust").to_dict()["totals"]["achieved_bits"] == {"model": stored}
 
 
 def test_a_reachable_budget_is_not_capped(tmp_path: Path) -> None:

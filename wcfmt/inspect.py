@@ -104,6 +104,8 @@ class Info:
             "packed_bytes": self.packed_bytes,
             "ratio": self.ratio,
             "degenerate": sum(1 for r in self.rows if r.degenerate),
+            #: stored bits per clustered weight per budget group, from the blobs' sizes
+            "achieved_bits": achieved_bits(self),
         }
 
     def to_dict(self) -> dict[str, Any]:
