@@ -290,3 +290,29 @@ def test_cli_lists_every_mode() -> None:
     from wcfmt import cli
 
     assert cli._TRANSFORM_MODES == MODES
+
+
+# -- side effects nobody observed (mutation audit 0.2: T2, T5) --------------------------------------
+def test_rank_break_leaves_a_zero_value_where_it_is() -> None:
+    """0.0 is neither negative nor positive: a cluster whose value is exactly zero keeps it (its
+    weights keep their sign, 0), whatever the draw; the others move within their sign."""
+    v = np.array([-0.5, -0.25, -0.125, 0.0, 0.125, 0.25, 0.5, 1.0])
+    moved = False
+    for seed in range(20):
+        out = transform_values("rank-break", v, np.ones(v.size), np.random.default_rng(seed))
+        assert out[3] == 0.0 and np.signbit(out[3]) == np.signbit(v[3])
+        assert sorted(out[:3]) == sorted(v[:3]) and sorted(out[4:]) == sorted(v[4:])
+        moved |= not np.array_equal(out, v)
+    assert moved
+
+
+@pytest.mark.parametrize("mode", ["permute", "gaussian", "rank-break"])
+def test_random_modes_draw_per_tensor_name(mode: str) -> None:
+    """The draw is seeded by (seed, crc32(name), codebook): two tensors with the same table and
+    labels but different names get different weights; the same name, the same weights. (Rank-
+    breaking modes keep the table sorted and move labels: compared decoded.)"""
+    ct = cluster_tensor(torch.from_numpy(np.random.default_rng(0).standard_t(4, (64, 32)).astype(np.float32)), k=16)
+    tables = {n: transform_tensor(ct, mode, seed=3, name=n)[0].decode() for n in ("a.weight", "b.weight")}
+    again = transform_tensor(ct, mode, seed=3, name="a.weight")[0].decode()
+    assert torch.equal(tables["a.weight"], again)
+    assert not torch.equal(tables["a.weight"], tables["b.weight"])
