@@ -181,3 +181,58 @@ def test_cli_defaults_are_the_library_defaults() -> None:
     from wcfmt.heal import DEFAULTS
 
     assert cli._HEAL_DEFAULTS == DEFAULTS
+
+
+# -- multi-chunk codebooks and the weighted projection (mutation audit 0.2: H1, H3) -----------------
+def _multi_chunk_codebook():  # type: ignore[no-untyped-def]
+    from wcfmt.cluster import cluster_tensor
+
+    w = torch.from_numpy(np.random.default_rng(2).standard_t(3, (64, 24)).astype(np.float32))
+    ct = cluster_tensor(w, k=8).rechunk(16)  # one table stored in four chunks
+    assert len(ct.centroids) == 4 and all(torch.equal(t, ct.centroids[0]) for t in ct.centroids)
+    return ct
+
+
+def test_codebook_counts_sum_every_chunk_of_the_codebook() -> None:
+    from wcfmt.method.heal import _Codebooks
+
+    ct = _multi_chunk_codebook()
+    cb = _Codebooks(ct, torch.float64)
+    k = ct.centroids[0].numel()
+    assert cb.counts[0, :k].tolist() == np.bincount(ct.labels.numpy().reshape(-1), minlength=k).tolist()
+    assert cb.counts[0, :k].sum() == 64 * 24
+
+
+def isotonic_brute_force(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """The nondecreasing sequence nearest ``v`` in w-weighted least squares, by trying every
+    split into consecutive blocks (each block at its weighted mean) and keeping the best
+    nondecreasing one."""
+    best, arg = np.inf, None
+    for cuts in itertools.product([0, 1], repeat=v.size - 1):
+        b = [0] + [i + 1 for i, c in enumerate(cuts) if c] + [v.size]
+        means = [float((w[a:e] * v[a:e]).sum() / w[a:e].sum()) for a, e in zip(b[:-1], b[1:])]
+        if any(m2 < m1 for m1, m2 in zip(means, means[1:])):
+            continue
+        fit = np.concatenate([np.full(e - a, m) for a, e, m in zip(b[:-1], b[1:], means)])
+        cost = float((w * (v - fit) ** 2).sum())
+        if cost < best:
+            best, arg = cost, fit
+    assert arg is not None
+    return arg
+
+
+def test_each_steps_projection_is_weighted_by_the_cluster_counts() -> None:
+    from wcfmt.method.heal import _Codebooks
+
+    ct = _multi_chunk_codebook()
+    cb = _Codebooks(ct, torch.float64)
+    k = ct.centroids[0].numel()
+    counts = np.bincount(ct.labels.numpy().reshape(-1), minlength=k).astype(np.float64)
+    assert counts.max() > 3 * counts.min()  # unequal counts: the weights matter
+    bent = np.array([0.0, 1.0, 0.5, 2.0, 1.5, 1.2, 3.0, 2.5])[:k]
+    with torch.no_grad():
+        cb.u[0, :k] = torch.from_numpy(bent)
+    assert cb.project() == 1
+    got = cb.u[0, :k].detach().double().numpy()
+    assert np.allclose(got, isotonic_brute_force(bent, counts), rtol=0, atol=1e-12)
+    assert not np.allclose(got, isotonic_brute_force(bent, np.ones(k)), rtol=0, atol=1e-6)
