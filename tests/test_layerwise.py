@@ -258,3 +258,38 @@ def test_smollm2_layerwise_equals_whole_model() -> None:
     b = collect_random_statistics(folder, names=keep, path=lw.WHOLE_MODEL)
     assert (a.path, b.path, len(a.moments)) == (lw.LAYERWISE, lw.WHOLE_MODEL, 30 * 7)
     _assert_equal(a.moments, b.moments, rtol=1e-6)
+
+
+def test_pack_calibrates_when_only_a_block_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The automatic ``calib random`` is chosen when one block fits half the memory available
+    though the whole model does not; the header says which path ran; where the model cannot run
+    block by block then, it is skipped (and says why) rather than loaded whole."""
+    import wcfmt
+    from wcfmt.packing import calibrate as stage
+    from wcfmt.reader import WclustReader
+
+    folder = _deep_llama(tmp_path / "src", layers=6)
+    need = lw.calibration_need(folder, sequences=8, tokens=128)
+    assert need.layerwise is not None and need.layerwise < need.whole_model
+    monkeypatch.setattr(stage, "available_memory", lambda: need.layerwise + need.whole_model)  # half: between
+
+    def extra(out: Path) -> dict[str, str]:
+        with WclustReader(next(out.glob("*.wclust"))) as r:
+            assert r.header.settings is not None
+            return dict(r.header.settings.extra)
+
+    wcfmt.pack(folder, tmp_path / "a")
+    got = extra(tmp_path / "a")
+    assert (got["calib"], got["calib_path"], "calib_skipped" in got) == ("diagonal+refit", lw.LAYERWISE, False)
+
+    def unsupported(model: Any) -> Any:
+        raise lw.LayerwiseUnsupported("no stack here")
+
+    monkeypatch.setattr(lw, "_find_stack", unsupported)
+    with pytest.warns(UserWarning, match="block by block: no stack here"):
+        wcfmt.pack(folder, tmp_path / "b")
+    got = extra(tmp_path / "b")
+    assert got["calib"] == "none" and "block by block: no stack here" in got["calib_skipped"]
+    monkeypatch.setattr(stage, "available_memory", lambda: 4 * need.whole_model)  # the whole model fits
+    wcfmt.pack(folder, tmp_path / "c")
+    assert extra(tmp_path / "c")["calib_path"] == lw.WHOLE_MODEL

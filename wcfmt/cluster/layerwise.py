@@ -126,20 +126,22 @@ def _skeleton(folder: Path, dtype: torch.dtype) -> Any:
 
 def _find_stack(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
     """(name, module) of the decoder stack: of the ``nn.ModuleList`` s whose children are all of
-    one class, the one holding the most parameters, if that is at least half of the model's."""
-    total = sum(p.numel() for p in model.parameters())
-    best: tuple[int, str, torch.nn.ModuleList] | None = None
+    one class (as many as the config's ``num_hidden_layers``, where one is), the one holding the
+    most parameters. Not "most of the model": a few blocks under a large vocabulary hold less
+    than the embedding and head."""
+    layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    found: list[tuple[int, str, torch.nn.ModuleList]] = []
     for name, m in model.named_modules():
-        if not isinstance(m, torch.nn.ModuleList) or len(m) == 0:
-            continue
-        if len({type(c) for c in m}) != 1:
-            continue
-        n = sum(p.numel() for p in m.parameters())
-        if best is None or n > best[0]:
-            best = (n, name, m)
-    if best is None or best[0] * 2 < total:
-        raise LayerwiseUnsupported("no stack of decoder blocks holds most of the parameters")
-    return best[1], best[2]
+        if isinstance(m, torch.nn.ModuleList) and len(m) > 0 and len({type(c) for c in m}) == 1:
+            n = sum(p.numel() for p in m.parameters())
+            if n > 0:
+                found.append((n, name, m))
+    if isinstance(layers, int) and any(len(m) == layers for _, _, m in found):
+        found = [f for f in found if len(f[2]) == layers]
+    if not found:
+        raise LayerwiseUnsupported("no stack of decoder blocks (a list of modules of one class)")
+    _, name, stack = max(found, key=lambda f: f[0])
+    return name, stack
 
 
 # -- the shards -----------------------------------------------------------------------------------

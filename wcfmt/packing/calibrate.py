@@ -51,7 +51,8 @@ class Calibration:
 def choose(source: Source, options: PackOptions) -> Calibration:
     """``options.calib`` as it will run. ``None`` in bits mode means ``"random"`` wherever it can
     run (`auto_calibration_blocker`): a Hugging Face causal-LM folder, transformers installed, the
-    model within half the memory available. ``"none"``: no calibration. A text file must exist."""
+    pass within half the memory available (one decoder block at a time, plus the embedding, head
+    and activations: `wcfmt.cluster.layerwise.calibration_need`). ``"none"``: no calibration. A text file must exist."""
     from ..cluster.calibrate import DEFAULT_CALIB_TOKENS, NO_CALIB, RANDOM_CALIB, SELF_CALIB
 
     calib = options.calib
@@ -92,11 +93,28 @@ def auto_calibration_blocker(src: Path) -> str | None:
         return "the model needs its own code (auto_map)"
     if importlib.util.find_spec("transformers") is None:
         return "transformers is not installed (pip install transformers)"
-    need = Source(src).file_bytes  # it runs in its checkpoint's width (bfloat16 for 16-bit weights)
     have = available_memory()
-    if have is not None and need > have // 2:
-        return f"the model needs {need / 2**30:.1f} GiB to run; {have / 2**30:.1f} GiB of memory is available"
+    if have is not None:
+        need, how = _random_need(src)
+        if need > have // 2:
+            return f"calibration needs {need / 2**30:.1f} GiB ({how}); {have / 2**30:.1f} GiB of memory is available"
     return None
+
+
+def _random_need(src: Path) -> tuple[int, str]:
+    """Bytes ``calib="random"`` needs on ``src`` and how it runs: one decoder block at a time
+    where the checkpoint's names show a stack of blocks, else the whole model
+    (`wcfmt.cluster.layerwise.calibration_need`, from config.json and the headers alone)."""
+    from ..cluster.calibrate import RANDOM_SEQUENCES, RANDOM_TOKENS
+    from ..cluster.layerwise import calibration_need
+
+    try:
+        need = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS)
+    except UsageError:
+        return Source(src).file_bytes, "the whole model"
+    if need.layerwise is not None and need.layerwise < need.whole_model:
+        return need.layerwise, "one block at a time"
+    return need.whole_model, "the whole model"
 
 
 def available_memory() -> int | None:
@@ -115,8 +133,8 @@ def collect(plan: Plan, source: Source, calibration: Calibration, progress: bool
     """Run the model for the calibration statistics (into ``plan.hessians``); return the header
     settings that describe them."""
     from ..cluster.calibrate import (
-        RANDOM_CALIB, RANDOM_SEED, SELF_CALIB, SELF_SEED, SELF_SEQUENCES, SELF_TOKENS, collect_hessians,
-        collect_random_diagonals, sample_text,
+        RANDOM_CALIB, RANDOM_SEED, SELF_CALIB, SELF_SEED, SELF_SEQUENCES, SELF_TOKENS, collect_random_statistics,
+        collect_text_statistics, sample_text,
     )  # fmt: skip
 
     folder, what, tokens = source.path, calibration.what, calibration.tokens
@@ -125,10 +143,23 @@ def collect(plan: Plan, source: Source, calibration: Calibration, progress: bool
     wanted = plan.clustered_projections(source.files)
     refit = "+refit" if CALIB_REFIT else ""
     if what == RANDOM_CALIB:
-        plan.hessians, (rows, row) = collect_random_diagonals(folder, names=wanted, progress=progress)
+        # The pass runs block by block where the model allows it; where it does not, the whole
+        # model runs only if it fits (an automatic choice made for a block's memory must not load
+        # the whole model: it is then skipped, and says why).
+        path = None
+        have = available_memory()
+        if calibration.auto and have is not None:
+            from ..cluster.calibrate import RANDOM_SEQUENCES, RANDOM_TOKENS
+            from ..cluster.layerwise import LAYERWISE, calibration_need
+
+            if calibration_need(folder, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).whole_model > have // 2:
+                path = LAYERWISE
+        stats = collect_random_statistics(folder, names=wanted, progress=progress, path=path)
+        plan.hessians, (rows, row) = stats.moments, stats.windows
         if not plan.hessians:  # e.g. GPT-2's Conv1D projections: no nn.Linear to hook
             return {"calib": "none", "calib_skipped": "no clustered projection is an nn.Linear to weigh"}
-        return {"calib": "diagonal" + refit, "calib_text": f"random ({rows}x{row} tokens, seed {RANDOM_SEED})"}
+        return {"calib": "diagonal" + refit, "calib_text": f"random ({rows}x{row} tokens, seed {RANDOM_SEED})",
+                "calib_path": stats.path}
     assert tokens is not None
     if what == SELF_CALIB:
         text = sample_text(folder)
@@ -140,8 +171,9 @@ def collect(plan: Plan, source: Source, calibration: Calibration, progress: bool
             text = what.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
             raise UsageError(f"calib {what}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    plan.hessians = collect_hessians(folder, text, tokens, names=wanted, progress=progress)
-    return {"calib": "gptq" + refit, "calib_text": text_name, "calib_tokens": str(tokens)}
+    stats = collect_text_statistics(folder, text, tokens, names=wanted, progress=progress)
+    plan.hessians = stats.moments
+    return {"calib": "gptq" + refit, "calib_text": text_name, "calib_tokens": str(tokens), "calib_path": stats.path}
 
 
 def run_beside(plan: Plan, source: Source, calibration: Calibration, progress: bool,
