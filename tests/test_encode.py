@@ -45,24 +45,25 @@ def test_sigkill_of_pack_leaves_no_worker_behind(tmp_path: Path) -> None:
     import safetensors.torch
 
     g = torch.Generator().manual_seed(0)
-    # above the pool's threshold (64 MiB) so that pack clusters in worker processes
-    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 4096, generator=g).bfloat16()
-               for i in range(5)}
-    assert sum(t.numel() * 2 for t in tensors.values()) >= encode.PROCESS_POOL_MIN_BYTES
+    # above the pool's threshold (64 MiB) so that pack clusters in worker processes, and F32 for
+    # k-means, which takes about a second a tensor there: the kill lands mid-clustering
+    tensors = {f"model.layers.{i}.mlp.up_proj.weight": torch.randn(2048, 2048, generator=g) for i in range(5)}
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) >= encode.PROCESS_POOL_MIN_BYTES
     src = tmp_path / "m.safetensors"
     safetensors.torch.save_file(tensors, str(src))
     del tensors
     proc = subprocess.Popen([sys.executable, "-m", "wcfmt", "pack", str(src), "-o", str(tmp_path / "m.wclust"),
-                             "--threads", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                             "--k", "64", "--threads", "2", "-q"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers: set[int] = set()
     deadline = time.monotonic() + 120
     while len(workers) < 2 and time.monotonic() < deadline and proc.poll() is None:
         workers = _children(proc.pid)
         time.sleep(0.05)
     assert len(workers) >= 2, "pack finished or stalled before its workers started"
-    time.sleep(0.5)  # mid-clustering
+    time.sleep(0.3)  # mid-clustering
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "pack finished before it was killed: give it more work"
     deadline = time.monotonic() + 15
     while any(_alive(w) for w in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
