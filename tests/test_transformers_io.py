@@ -236,8 +236,8 @@ def test_device_path_leaves_fused_weights_to_the_cpu_path(tmp_path: Path) -> Non
     transformers.MixtralForCausalLM(cfg).to(torch.bfloat16).save_pretrained(tmp_path / "src")
     wcfmt.pack(tmp_path / "src", tmp_path / "packed", k=16)
     config = transformers.AutoConfig.from_pretrained(tmp_path / "packed")
-    got = _decoded_on_device(transformers.MixtralForCausalLM, config, tmp_path / "packed", torch.device("cpu"), None, {})
-    assert got is None
+    cls = transformers.MixtralForCausalLM
+    assert _decoded_on_device(cls, config, tmp_path / "packed", torch.device("cpu"), None, {}) is None
     wcfmt.unpack(tmp_path / "packed", tmp_path / "unpacked")
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "unpacked")
     _same_model(wcfmt.from_pretrained(tmp_path / "packed"), ref)

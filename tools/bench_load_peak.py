@@ -10,11 +10,12 @@ weights x 0.02, norms near 1) to ``DIR/src`` in shards of at most 1 GB with an i
 in memory at a time, and packs it with ``wcfmt pack DIR/src -o DIR/packed --calib none``.
 
 ``--peak`` measures each loader in a fresh subprocess: after importing torch, transformers,
-wcfmt and the model's transformers class (the constant every run pays) the child resets the kernel's high-water mark of its RSS
-(``/proc/self/clear_refs``, "5"), loads, and reports ``VmHWM`` minus the RSS it had before
-the load (the *growth*), the ``ru_maxrss`` growth as a cross-check, the wall time and the dense
-bytes of what it returned (every distinct tensor once, in its output dtype). The ratio is the
-growth over the dense bytes: 1.0 is one copy of the weights. With ``--device cuda`` the child
+wcfmt and the model's transformers class (the constant every run pays) the child resets the
+kernel's high-water mark of its RSS (``/proc/self/clear_refs``, "5"), loads, and reports
+``VmHWM`` minus the RSS it had before the load (the *growth*), the ``ru_maxrss`` growth as a
+cross-check, the wall time and the dense bytes of what it returned (every distinct tensor once,
+in its output dtype). The ratio is the growth over the dense bytes: 1.0 is one copy of the
+weights. With ``--device cuda`` the child
 first loads the model once and drops it (the CUDA context, the Triton kernels' compilation and
 torch's pinned-memory cache are constants, not copies of the weights), then measures a second
 load: the host growth (no copy of the weights: about the staging slots, ``threads + 2`` of at

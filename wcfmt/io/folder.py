@@ -53,8 +53,6 @@ SAFETENSORS_SINGLE = "model.safetensors"
 #: Folders never copied: version control and download caches (huggingface_hub's ``.cache``).
 _SKIP_DIRS = frozenset({".git", ".cache", "__pycache__"})
 
-#: Tensors a ``dtype=`` cast applies to: the float weights (float8 and integers keep theirs).
-
 
 class Shards:
     """The model files of a folder: shard file names in order, and the index if there is one."""
