@@ -49,3 +49,41 @@ def test_every_dictionary_flag_is_rejected(flag: int) -> None:
     with pytest.raises(ValueError, match="dictionar"):
         _zstd_frame_rules(frame(dict_flag=flag))
     _zstd_frame_rules(frame(dict_flag=0))
+
+
+def test_auto_cap_is_64_times_the_file_at_least_256_mib() -> None:
+    """spec §9.1: "by default at 64 times its size, at least 256 MiB"."""
+    from wcfmt.reader import auto_max_bytes
+
+    assert auto_max_bytes(0) == 256 * MIB
+    assert auto_max_bytes(4 * MIB) == 256 * MIB  # 64 × 4 MiB is exactly the floor
+    assert auto_max_bytes(4 * MIB + 1) == 256 * MIB + 64
+    assert auto_max_bytes(1 << 30) == 64 << 30
+
+
+def test_a_safetensors_file_is_named_as_one(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A safetensors file given to the reader: "not a .wclust file", with the hint to pack it.
+    The hint needs what a safetensors file starts with: an 8-byte little-endian length from 2 to
+    under 100 MiB, then "{" (and more than 9 bytes); anything else gets no hint."""
+    import torch
+    from safetensors.torch import save_file
+
+    from wcfmt.reader import WclustReader, _looks_like_safetensors
+
+    p = tmp_path / "m.safetensors"
+    save_file({"w": torch.zeros(2)}, str(p))
+    with pytest.raises(FormatError, match="not a .wclust file.*looks like a safetensors file"):
+        WclustReader(p)
+    text = tmp_path / "t.wclust"
+    text.write_bytes(b"hello, this is text")
+    with pytest.raises(FormatError, match="not a .wclust file") as e:
+        WclustReader(text)
+    assert "looks like" not in str(e.value)
+
+    def head(n: int, brace: bytes = b"{", tail: bytes = b'"a":1}') -> bytes:
+        return n.to_bytes(8, "little") + brace + tail
+
+    assert _looks_like_safetensors(head(2)) and _looks_like_safetensors(head(100 * MIB - 1))
+    assert not _looks_like_safetensors(head(1)) and not _looks_like_safetensors(head(100 * MIB))
+    assert not _looks_like_safetensors(head(50, b"[")) and not _looks_like_safetensors(head(50, tail=b""))
+    assert _looks_like_safetensors(head(50, tail=b"}"))  # 10 bytes: enough

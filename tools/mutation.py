@@ -8,15 +8,18 @@ Usage (from the repository root, with the project's virtual environment active):
     python tools/mutation.py wcfmt/cluster/allocate.py --tests tests/test_allocate.py
     python tools/mutation.py wcfmt/cluster/ecsq.py --keep /tmp/mut-ecsq   # keep the copy to inspect
     python tools/mutation.py wcfmt/reader.py --rev HEAD    # the last commit, not the working tree
+    python tools/mutation.py --resume /tmp/mut-ecsq    # after adding tests: its survivors against them
+    python tools/mutation.py --summary /tmp/mut-ecsq   # the totals of a kept run again
 
 MODULE is a ``.py`` file or a folder of them (``wcfmt/codecs/``), under ``wcfmt/`` or ``spec/reference/``.
-The last line printed is ``N mutants, M survived, K timed out``; above it, one line per surviving or
-timed-out mutant (``wcfmt.cluster.ecsq.x_rate_bits__mutmut_7: survived``). To see what a mutant changed,
+The last line printed is ``N mutants, M survived, K timed out`` (survived includes mutmut's "no
+tests": mutants no selected test reaches); above it, one line per surviving or timed-out mutant (``wcfmt.cluster.ecsq.x_rate_bits__mutmut_7: survived``). To see what a mutant changed,
 keep the copy and run ``mutmut show NAME`` inside it (cwd = the copy).
 
 How it works:
-- wcfmt/, tools/, tests/, spec/ and pyproject.toml (of the working tree, or of ``--rev``) are copied into a temporary folder (``--keep DIR``
-  to choose and keep it); mutmut runs there, in its own ``mutants/`` subfolder, so nothing in the
+- Each module gets its own run: wcfmt/, tools/, tests/, spec/ and pyproject.toml (of the working
+  tree, or of ``--rev``) are copied into a subfolder (named after the module) of a temporary folder
+  (``--keep DIR`` to choose and keep it); ``--jobs N`` runs N modules at once, one mutant each; mutmut runs there, in its own ``mutants/`` subfolder, so nothing in the
   working tree is written, and other people's edits in a shared tree are not touched. The copy's
   ``PYTHONPATH`` points at the mutated package, so tests that start a subprocess (the CLI) import the
   mutated code and not the editable install.
@@ -31,6 +34,16 @@ How it works:
 - The reference decoder is loaded by the tests under the name ``wclust_ref``, while mutmut names its
   mutants after the path (``spec.reference.wclust_ref``): a tests/conftest.py in the copy imports the mutated
   file under its path name and registers it as ``wclust_ref`` too, so the two names agree.
+
+Not mutated: statements that raise an error with a message or log or warn (`NOT_MUTATED`): a
+changed message is not a silent error, and mutmut would make three mutants of every message
+string. The conditions that lead to them are mutated.
+
+``--resume DIR`` (a ``--keep`` folder) copies the current tests/ into it and runs only its surviving
+mutants again, only against the test files that changed or were added since the run (or
+``--tests``), each in the same pytest process with ``MUTANT_UNDER_TEST`` set and a time limit
+(``--time-limit``); new verdicts go to DIR/resume.json and the totals are printed again. It is how
+a new test is credited with the mutants it kills without running the whole campaign again.
 
 Limits: mutmut 3 mutates code inside functions and methods only, not module-level constants (a
 constant such as ``ZSTD_OVERHEAD = 1.012`` is not mutated; hand mutations cover those, see
@@ -61,6 +74,11 @@ import sys
 if {wants_ref!r}:
     sys.modules["wclust_ref"] = importlib.import_module("spec.reference.wclust_ref")
 '''
+
+
+#: Lines not mutated: raising an error (its message text: a changed message is not a silent error;
+#: the condition above it is mutated) and logging or warning calls.
+NOT_MUTATED = [r"^\s*raise \w+\(", r"^\s*log\.\w+\(", r"^\s*warnings\.warn\("]
 
 
 def module_files(args: list[str]) -> list[Path]:
@@ -148,61 +166,174 @@ def prepare(work: Path, mods: list[Path], tests: list[str], multiplier: float, r
         f"timeout_multiplier = {multiplier}\n"
         "timeout_constant = 5.0\n"
         "use_git_change_detection = false\n"
+        f"do_not_mutate_patterns = {toml_list(NOT_MUTATED)}\n"
     )
+    (work / "mutation.json").write_text(json.dumps({"modules": [str(m) for m in mods], "tests": tests}))
     text = (work / "pyproject.toml").read_text(encoding="utf-8") if rev else (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     (work / "pyproject.toml").write_text(text + conf, encoding="utf-8")
 
 
+SURVIVING = ("survived", "no tests")
+
+
+def results(work: Path, env: dict[str, str]) -> dict[str, str]:
+    """mutmut's verdict of every mutant in ``work``, overridden by ``resume.json`` (``--resume``)."""
+    res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env,
+                         capture_output=True, text=True, check=False)
+    out = {}
+    for line in res.stdout.splitlines():
+        key, _, status = line.strip().rpartition(": ")
+        if key:
+            out[key] = status
+    if not out:
+        print(res.stdout + res.stderr, file=sys.stderr)
+    again = work / "resume.json"
+    if again.exists():
+        out.update(json.loads(again.read_text()))
+    return out
+
+
+def runs_in(work: Path) -> list[Path]:
+    """The per-module run folders of a kept folder (those holding a mutants/ folder)."""
+    return sorted(p.parent for p in work.glob("*/mutants"))
+
+
+def env_for(sub: Path) -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=str(sub / "mutants"), PYTHONDONTWRITEBYTECODE="1")
+
+
+def summarise_all(subs: list[Path]) -> int:
+    """Print the mutants not killed, then ``N mutants, M survived, K timed out`` (survived counts
+    mutmut's "no tests" too: no test reaches them), per module and, last, for all."""
+    verdicts: dict[str, str] = {}
+    for sub in subs:
+        v = results(sub, env_for(sub))
+        s = sum(1 for x in v.values() if x in SURVIVING)
+        print(f"{sub.name}: {len(v)} mutants, {s} survived, {sum(1 for x in v.values() if x == 'timeout')} timed out")
+        verdicts.update(v)
+    counts: dict[str, int] = {}
+    for key, status in verdicts.items():
+        counts[status] = counts.get(status, 0) + 1
+        if status != "killed":
+            print(f"{key}: {status}")
+    others = {k: v for k, v in counts.items() if k not in ("killed", "timeout")}
+    if others:
+        print("not killed:", ", ".join(f"{v} {k}" for k, v in sorted(others.items())))
+    survived = sum(counts.get(s, 0) for s in SURVIVING)
+    print(f"{len(verdicts)} mutants, {survived} survived, {counts.get('timeout', 0)} timed out")
+    return 0 if verdicts else 1
+
+
+RESUME = """\
+import json, os, signal, sys
+import pytest
+names, args, limit = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
+def alarm(*_): raise TimeoutError("mutant over its time limit")
+signal.signal(signal.SIGALRM, alarm)
+out = {}
+for name in names:
+    os.environ["MUTANT_UNDER_TEST"] = name
+    signal.alarm(limit)
+    try:
+        rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-p", "no:warnings", *args])
+    except TimeoutError:
+        rc = -1
+    signal.alarm(0)
+    out[name] = "timeout" if rc == -1 else "killed" if rc == 1 else "survived" if rc == 0 else f"error {rc}"
+    print(name, out[name], flush=True)
+json.dump(out, open(sys.argv[4], "w"))
+"""
+
+
+def resume_all(work: Path, tests: list[str] | None, limit: int) -> int:
+    subs = runs_in(work)
+    for sub in subs:
+        resume(sub, tests, limit)
+    return summarise_all(subs)
+
+
+def resume(work: Path, tests: list[str] | None, limit: int) -> None:
+    """Run the surviving mutants of a kept run again, against the test files changed or added
+    since (or ``tests``), and record the new verdicts in ``work/resume.json``."""
+    env = env_for(work)
+    verdicts = results(work, env)
+    names = [k for k, v in verdicts.items() if v in SURVIVING]
+    if tests is None:
+        tests = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "tests").glob("*.py"))
+                 if not (work / "tests" / f.name).exists() or (work / "tests" / f.name).read_bytes() != f.read_bytes()]
+        run = json.loads((work / "mutation.json").read_text())
+        wanted = set(run["tests"]) | {t for m in run["modules"] for t in tests_for(Path(m))}
+        tests = [t for t in tests if t in wanted]
+    for f in sorted((ROOT / "tests").glob("*.py")):  # the new test files and helpers
+        for d in (work / "tests", work / "mutants" / "tests"):
+            shutil.copy2(f, d / f.name)
+    print(f"resume: {len(names)} surviving mutants against", " ".join(tests) or "(no changed tests)", flush=True)
+    if names and tests:
+        out = work / "resume-new.json"
+        subprocess.run([sys.executable, "-c", RESUME, json.dumps(names), json.dumps(tests), str(limit), str(out)],
+                       cwd=work / "mutants", env=env, check=False, stdout=subprocess.DEVNULL)
+        new = json.loads(out.read_text()) if out.exists() else {}
+        old = json.loads((work / "resume.json").read_text()) if (work / "resume.json").exists() else {}
+        old.update({k: v for k, v in new.items() if v in ("killed", "timeout")})
+        (work / "resume.json").write_text(json.dumps(old, indent=0))
+    return summarise_all([work])
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("modules", nargs="+", help="modules (.py files or folders) to mutate")
+    ap.add_argument("modules", nargs="*", help="modules (.py files or folders) to mutate")
+    ap.add_argument("--resume", type=Path, help="a --keep folder: run its surviving mutants against the test files "
+                    "changed or added since (or --tests) and print the totals again")
+    ap.add_argument("--summary", type=Path, help="a --keep folder: print its totals again")
+    ap.add_argument("--time-limit", type=int, default=120, help="seconds per mutant with --resume (default 120)")
     ap.add_argument("--tests", nargs="+", help="test files to run instead of the automatic choice")
-    ap.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
+    ap.add_argument("--jobs", type=int, default=1, help="modules run at once, one mutant each (default 1)")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (must not exist)")
     ap.add_argument("--timeout-multiplier", type=float, default=5.0)
     ap.add_argument("--rev", help="copy this commit (git archive) instead of the working tree, e.g. HEAD")
     a = ap.parse_args(argv)
 
+    if a.summary:
+        return summarise_all(runs_in(a.summary.resolve()))
+    if a.resume:
+        return resume_all(a.resume.resolve(), a.tests, a.time_limit)
+    if not a.modules:
+        ap.error("name at least one module")
     mods = module_files(a.modules)
-    tests = a.tests or sorted({t for m in mods for t in tests_for(m)})
-    print("modules:", " ".join(map(str, mods)), flush=True)
-    print("tests:  ", " ".join(tests), flush=True)
     if a.keep:
         a.keep.mkdir(parents=True)
         work = a.keep.resolve()
     else:
         work = Path(tempfile.mkdtemp(prefix="wcfmt-mutation-"))
     try:
-        prepare(work, mods, tests, a.timeout_multiplier, a.rev)
-        # made now: a PYTHONPATH entry that does not exist when Python starts is cached as "no finder",
-        # and the editable install's wcfmt (the unmutated one) would be imported instead
-        (work / "mutants").mkdir()
-        env = dict(os.environ, PYTHONPATH=str(work / "mutants"), PYTHONDONTWRITEBYTECODE="1")
-        env.pop("WCFMT_FUZZ", None)
-        mutmut = [sys.executable, "-m", "mutmut"]
-        subprocess.run([*mutmut, "run", "--max-children", str(a.jobs)], cwd=work, env=env, check=False)
-        res = subprocess.run([*mutmut, "results", "--all", "true"], cwd=work, env=env,
-                             capture_output=True, text=True, check=False)
-        counts: dict[str, int] = {}
-        for line in res.stdout.splitlines():
-            key, _, status = line.strip().rpartition(": ")
-            if not key:
-                continue
-            counts[status] = counts.get(status, 0) + 1
-            if status != "killed":
-                print(f"{key}: {status}")
-        total = sum(counts.values())
-        if total == 0:
-            print(res.stdout + res.stderr, file=sys.stderr)
-        others = {k: v for k, v in counts.items() if k not in ("killed", "survived", "timeout")}
-        if others:
-            print("other outcomes:", ", ".join(f"{v} {k}" for k, v in sorted(others.items())))
-        print(f"{total} mutants, {counts.get('survived', 0)} survived, {counts.get('timeout', 0)} timed out")
-        return 0 if total else 1
+        # one mutmut run per module, in its own copy, against that module's tests only: a test that
+        # reaches the module only in passing (every pack test reads a file back) is not run for it
+        runs: list[tuple[Path, dict[str, str]]] = []
+        for m in mods:
+            tests = a.tests or tests_for(m)
+            print(f"{m}: tests {' '.join(tests) or '(none found)'}", flush=True)
+            sub = work / dotted(m)
+            sub.mkdir()
+            prepare(sub, [m], tests, a.timeout_multiplier, a.rev)
+            # made now: a PYTHONPATH entry that does not exist when Python starts is cached as "no finder",
+            # and the editable install's wcfmt (the unmutated one) would be imported instead
+            (sub / "mutants").mkdir()
+            env = dict(os.environ, PYTHONPATH=str(sub / "mutants"), PYTHONDONTWRITEBYTECODE="1")
+            env.pop("WCFMT_FUZZ", None)
+            runs.append((sub, env))
+        pending, active = list(runs), []
+        while pending or active:
+            while pending and len(active) < a.jobs:  # --jobs modules at once, one mutant each
+                sub, env = pending.pop(0)
+                log = open(sub / "mutmut.log", "w")
+                active.append(subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=sub,
+                                               env=env, stdout=log, stderr=subprocess.STDOUT))
+            active[0].wait()
+            active = [p for p in active if p.poll() is None]
+        return summarise_all([sub for sub, _ in runs])
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-
 
 if __name__ == "__main__":
     sys.exit(main())
