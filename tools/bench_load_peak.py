@@ -53,7 +53,8 @@ if cuda:  # the context, the kernels' compilation and the pinned-memory cache: m
     if kind == "load_state_dict":
         wcfmt.load_state_dict(path, device=device, threads=threads)
     elif kind.startswith("from_pretrained"):
-        wcfmt.from_pretrained(path, device=device, threads=threads)
+        with torch.no_grad():  # and the first forward's libraries (cuBLAS)
+            wcfmt.from_pretrained(path, device=device, threads=threads)(torch.tensor([[1, 2, 3]], device=device))
     torch.cuda.synchronize(); torch.cuda.empty_cache(); torch.cuda.reset_peak_memory_stats()
 
 def status(key):
