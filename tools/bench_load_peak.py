@@ -45,7 +45,8 @@ threads = int(threads) if threads != "all" else None
 import pathlib, torch, transformers, wcfmt
 # the model's modeling code is imported before the measurement too (0.18 GB for Llama here):
 # a constant of the transformers version, not of the model's size
-for arch in json.loads((pathlib.Path(path) / "config.json").read_text()).get("architectures") or []:
+config = pathlib.Path(path) / "config.json"
+for arch in (json.loads(config.read_text()).get("architectures") or []) if config.is_file() else []:
     getattr(transformers, arch, None)
 cuda = device.startswith("cuda")
 if cuda:  # the context, the kernels' compilation and the pinned-memory cache: made by a first load
