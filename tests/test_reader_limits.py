@@ -87,3 +87,47 @@ def test_a_safetensors_file_is_named_as_one(tmp_path) -> None:  # type: ignore[n
     assert not _looks_like_safetensors(head(1)) and not _looks_like_safetensors(head(100 * MIB))
     assert not _looks_like_safetensors(head(50, b"[")) and not _looks_like_safetensors(head(50, tail=b""))
     assert _looks_like_safetensors(head(50, tail=b"}"))  # 10 bytes: enough
+
+
+# -- sizes and caps of decoding (mutants of tools/mutation.py on reader.py) ------------------------
+def _small_file(tmp_path):  # type: ignore[no-untyped-def]
+    """a: F32 3×5 (60 bytes), b: BF16 4×5 (40 bytes), c: an alias of a, s: an F32 scalar (4 bytes)."""
+    import torch
+
+    import wcfmt
+
+    a = torch.arange(15, dtype=torch.float32).reshape(3, 5)
+    p = tmp_path / "m.wclust"
+    wcfmt.save_file({"a": a, "b": torch.ones(4, 5, dtype=torch.bfloat16), "c": a, "s": torch.tensor(2.5)}, p)
+    return p, a
+
+
+def test_nbytes_and_the_whole_file_budget_count_stored_tensors_once(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from wcfmt.errors import UsageError
+    from wcfmt.reader import WclustReader
+
+    p, _ = _small_file(tmp_path)
+    with WclustReader(p) as r:
+        assert [r.nbytes(n) for n in "abcs"] == [60, 40, 60, 4]
+    with WclustReader(p, max_bytes=104) as r:  # a + b + s; the alias c is the same bytes as a
+        r.check_file_budget()
+    with WclustReader(p, max_bytes=103) as r, pytest.raises(UsageError, match=f"{p}: decoding needs 104 bytes"):
+        r.check_file_budget()
+
+
+def test_decode_rows_shapes_and_cap(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from wcfmt.errors import UsageError
+    from wcfmt.reader import WclustReader
+
+    p, a = _small_file(tmp_path)
+    with WclustReader(p, max_bytes=60) as r:
+        rows = r.decode_rows("a", 1, 3)  # its one chunk, 60 bytes, at the cap
+        assert rows.shape == (2, 5) and np.array_equal(rows, a.numpy()[1:3])
+        assert r.decode_rows("a", 2, 2).shape == (0, 5)
+        assert r.decode("s").shape == () and float(r.decode("s")) == 2.5
+        assert r.decode_rows("s", 0, 1).shape == ()
+    with WclustReader(p, max_bytes=59) as r:  # refused by decode_rows itself, before any chunk
+        with pytest.raises(UsageError, match="tensor 'a': decoding needs 60 bytes"):
+            r.decode_rows("a", 0, 3)
