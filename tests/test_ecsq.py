@@ -297,3 +297,27 @@ def test_merge_cells_matches_the_greedy_rule_by_a_second_formula(seed: int) -> N
     lam, k_max = float(rng.choice([0.01, 0.05])), int(rng.integers(3, 6))
     got = merge_cells(cell_stats(h, start), lam, 0.0, k_max=k_max)
     assert got.tolist() == greedy_merge(x, n, w, start.tolist(), lam, 0.0, k_max)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dp_cells_is_the_optimum_then_the_greedy_merge_under_the_cap(seed: int) -> None:
+    """Uncapped: the least J over every partition (brute force). Over the cap: the DP's cells
+    merged by the greedy rule (the second formula above) down to k_max."""
+    from wcfmt.cluster.ecsq import dp_cells
+
+    rng = np.random.default_rng(seed)
+    m = 9
+    x = np.sort(rng.choice(np.linspace(-3, 3, 121), size=m, replace=False))
+    n = rng.integers(1, 40, size=m).astype(np.float64)
+    w = n * rng.uniform(0.3, 3.0, size=m)
+    h = ValueHistogram("F32", x, n.astype(np.int64), w)
+    lam = 0.02
+    free = dp_cells(h, lam, 0.0)
+    assert j_direct(x, n, w, free.bounds, lam, 0.0) == pytest.approx(brute_force(x, n, w, lam, 0.0, None), rel=1e-9)
+    assert free.n.tolist() == [float(n[a:e].sum()) for a, e in zip(free.bounds[:-1], free.bounds[1:])]
+    k = free.n.size
+    assert k >= 3
+    capped = dp_cells(h, lam, 0.0, k_max=k - 2)
+    assert capped.bounds.tolist() == greedy_merge(x, n, w, free.bounds.tolist(), lam, 0.0, k - 2)
+    mean = [float((w[a:e] * x[a:e]).sum() / w[a:e].sum()) for a, e in zip(capped.bounds[:-1], capped.bounds[1:])]
+    assert capped.mean.tolist() == pytest.approx(mean, rel=1e-12)
