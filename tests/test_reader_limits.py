@@ -131,3 +131,33 @@ def test_decode_rows_shapes_and_cap(tmp_path) -> None:  # type: ignore[no-untype
     with WclustReader(p, max_bytes=59) as r:  # refused by decode_rows itself, before any chunk
         with pytest.raises(UsageError, match="tensor 'a': decoding needs 60 bytes"):
             r.decode_rows("a", 0, 3)
+
+
+def test_decode_rows_of_every_range_match_the_tensor_in_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A clustered tensor of 10 rows in chunks of 4 (0-4, 4-8, 8-10): every row range, in and
+    beyond the tensor, decodes to the rows of the in-memory ClusteredTensor (its own decode, not
+    the reader's); the packed label plane of each chunk, at K = 256 one byte per label, is the
+    labels of its rows."""
+    import numpy as np
+    import torch
+
+    import wcfmt
+    from wcfmt.cluster import cluster_tensor
+    from wcfmt.reader import WclustReader
+
+    t = torch.from_numpy(np.random.default_rng(0).standard_normal((10, 80)).astype(np.float32))
+    ct = cluster_tensor(t, k=256, chunk_rows=4)
+    assert len(ct.centroids) == 3 and min(ct.ks) > 128
+    want = ct.decode().numpy()
+    p = tmp_path / "c.wclust"
+    wcfmt.save_file({"w": ct}, p)
+    with WclustReader(p) as r:
+        for start in range(-1, 12):
+            for stop in range(-1, 13):
+                got = r.decode_rows("w", start, stop)
+                lo, hi = max(0, start), min(10, stop)
+                assert got.shape == (max(0, hi - lo), 80), (start, stop)
+                assert np.array_equal(got.view(np.float32), want[lo:hi]) if hi > lo else got.size == 0, (start, stop)
+        labels = ct.labels.numpy()
+        for i, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
+            assert np.array_equal(r.read_labels("w", i), labels[a:b].reshape(-1))
