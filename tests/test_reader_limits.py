@@ -161,3 +161,29 @@ def test_decode_rows_of_every_range_match_the_tensor_in_memory(tmp_path) -> None
         labels = ct.labels.numpy()
         for i, (a, b) in enumerate([(0, 4), (4, 8), (8, 10)]):
             assert np.array_equal(r.read_labels("w", i), labels[a:b].reshape(-1))
+
+
+@pytest.mark.parametrize("magic", [0x184D2A50, 0x184D2A51, 0x184D2A5F])
+def test_every_skippable_frame_magic_is_rejected(magic: int) -> None:
+    """RFC 8878 §3.1.2: skippable frames have magic 0x184D2A5?; spec §7.1 wants exactly one zstd frame."""
+    with pytest.raises(ValueError, match="skippable"):
+        _zstd_frame_rules(magic.to_bytes(4, "little") + (4).to_bytes(4, "little") + b"abcd")
+
+
+def test_a_five_byte_frame_header_is_checked() -> None:
+    """Magic and frame header descriptor are enough to see a dictionary flag or the reserved bit."""
+    with pytest.raises(ValueError, match="dictionar"):
+        _zstd_frame_rules(frame(dict_flag=1)[:5])
+    with pytest.raises(ValueError, match="reserved"):
+        _zstd_frame_rules((0xFD2FB528).to_bytes(4, "little") + bytes([0x08]))
+
+
+def test_label_and_table_reads_of_a_lossless_tensor_name_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from wcfmt.errors import UsageError
+    from wcfmt.reader import WclustReader
+
+    p, _ = _small_file(tmp_path)
+    with WclustReader(p) as r:
+        for read in (r.read_centroids, r.read_labels):
+            with pytest.raises(UsageError, match="tensor 'a': tensor is stored lossless, not clustered"):
+                read("a", 0)
