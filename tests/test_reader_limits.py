@@ -187,3 +187,30 @@ def test_label_and_table_reads_of_a_lossless_tensor_name_it(tmp_path) -> None:  
         for read in (r.read_centroids, r.read_labels):
             with pytest.raises(UsageError, match="tensor 'a': tensor is stored lossless, not clustered"):
                 read("a", 0)
+
+
+def test_decode_chunk_cap_and_chunk_indices(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Each chunk is checked against the cap by its own size (4 rows × 80 F32 = 1280 bytes, the
+    last 2 rows 640); chunk indices past the end are a FormatError naming the chunk."""
+    import numpy as np
+    import torch
+
+    import wcfmt
+    from wcfmt.cluster import cluster_tensor
+    from wcfmt.errors import UsageError
+    from wcfmt.reader import WclustReader
+
+    t = torch.from_numpy(np.random.default_rng(1).standard_normal((10, 80)).astype(np.float32))
+    p = tmp_path / "c.wclust"
+    wcfmt.save_file({"w": cluster_tensor(t, k=16, chunk_rows=4)}, p)
+    with WclustReader(p, max_bytes=640) as r:
+        assert r.decode_chunk("w", 2).size == 160
+        for i in (0, 1):
+            with pytest.raises(UsageError, match=f"tensor 'w': chunk {i}: decoding needs 1280 bytes"):
+                r.decode_chunk("w", i)
+    with WclustReader(p) as r:
+        r.check_sizes("w", [0, 1, 2])
+        with pytest.raises(FormatError, match="chunk 3 does not exist"):
+            r.check_sizes("w", [3])
+        with pytest.raises((FormatError, UsageError)):
+            r.decode_chunk("w", 3)
