@@ -293,3 +293,28 @@ def test_pack_calibrates_when_only_a_block_fits(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(stage, "available_memory", lambda: 4 * need.whole_model)  # the whole model fits
     wcfmt.pack(folder, tmp_path / "c")
     assert extra(tmp_path / "c")["calib_path"] == lw.WHOLE_MODEL
+
+
+def test_after_block_feeds_the_changed_block_on(tmp_path: Path) -> None:
+    """GPTQ's sequential variant: ``after_block`` sees each block's own statistics, complete, in
+    order; what it does to a block's weights changes what the next blocks read, not that block's
+    statistics."""
+    from common import write_tiny_llama
+
+    folder = write_tiny_llama(tmp_path, hidden=32, intermediate=64)
+    windows = random_windows(transformers.AutoConfig.from_pretrained(folder), 4, 16)
+    seen: list[tuple[int, list[str]]] = []
+
+    def zero_mlp(i: int, block: torch.nn.Module, moments: dict[str, np.ndarray]) -> None:
+        seen.append((i, sorted(moments)))
+        block.mlp.down_proj.weight.data.zero_()  # the block adds nothing through its MLP
+
+    keep = lambda n: "lm_head" not in n  # noqa: E731
+    plain = lw.second_moments(folder, windows, keep, batch=2, diagonal=True, dtype=torch.float32)
+    changed = lw.second_moments(folder, windows, keep, batch=2, diagonal=True, dtype=torch.float32,
+                                after_block=zero_mlp)
+    assert [i for i, _ in seen] == [0, 1]
+    assert all(len(names) == 7 and all(n.startswith(f"model.layers.{i}.") for n in names) for i, names in seen)
+    for name in plain.moments:
+        same = np.array_equal(plain.moments[name], changed.moments[name])
+        assert same == name.startswith("model.layers.0."), name  # block 1 reads block 0's changed output

@@ -351,6 +351,8 @@ class _MomentHooks:
         # are float32 per batch (H is dampened by 1% before use), summed in float64 across batches.
         self._last: list[Any] = [None, None]
         self._diagonal = diagonal
+        #: False: the hooks let inputs pass uncounted (a block run again after it changed)
+        self.enabled = True
         for mname, module in model.named_modules():
             wname = f"{mname}.weight"
             if isinstance(module, torch.nn.Linear) and keep(wname):
@@ -361,6 +363,8 @@ class _MomentHooks:
         sums, last, diagonal = self.sums, self._last, self._diagonal
 
         def hook(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if not self.enabled:
+                return
             if args[0] is not last[0]:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float32)
                 prod = (x * x).sum(0) if diagonal else x.T @ x

@@ -333,9 +333,16 @@ def _forward_kwargs(model: Any, head_wanted: bool) -> dict[str, Any]:
     return out
 
 
+#: ``after_block(index, block, moments)``: called once a block's statistics are complete
+#: (``moments``: that block's, by full weight name) and before its outputs are computed, e.g. to
+#: replace its weights by their encoded values (GPTQ's "sequential" variant: the next block then
+#: reads what the quantised model would feed it).
+AfterBlock = Callable[[int, torch.nn.Module, dict[str, np.ndarray]], None]
+
+
 def _layerwise(
     folder: Path, windows: torch.Tensor, keep: Callable[[str], bool], *, batch: int, progress: bool, diagonal: bool,
-    dtype: torch.dtype,
+    dtype: torch.dtype, after_block: AfterBlock | None = None,
 ) -> Statistics:
     from ..progress import bar
     from .calibrate import _MomentHooks
@@ -386,13 +393,26 @@ def _layerwise(
                     calls.append(recorded)
                 mat.free(start)
                 hidden = [_hidden_of(*c[0]) for c in calls]
+                n = windows.numel()
                 for layer, block in enumerate(stack):
                     ids_ = mat.params_of(block)
                     mat.load(ids_)
+                    outs = []
                     for j, c in enumerate(calls):
                         args, kwargs = _with_hidden(*c[layer], hidden[j])
                         out = block(*args, **kwargs)
-                        hidden[j] = out[0] if isinstance(out, (tuple, list)) else out
+                        outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+                    if after_block is not None:
+                        prefix = f"{stack_name}.{layer}."
+                        after_block(layer, block, {k: v for k, v in hooks.means(n).items() if k.startswith(prefix)})
+                        hooks.enabled = False  # the block's statistics are complete: run it again for its outputs
+                        outs = []
+                        for j, c in enumerate(calls):
+                            args, kwargs = _with_hidden(*c[layer], hidden[j])
+                            out = block(*args, **kwargs)
+                            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+                        hooks.enabled = True
+                    hidden = outs
                     mat.free(ids_)
                     for c in calls:  # this block's arguments are no longer needed
                         c[layer] = ((), {})
@@ -424,21 +444,24 @@ def second_moments(
     dtype: torch.dtype,
     what: str = "calibration",
     path: str | None = None,
+    after_block: AfterBlock | None = None,
 ) -> Statistics:
     """Mean xxᵀ (or its diagonal with ``diagonal``) of the inputs of every kept ``nn.Linear``
     weight of the causal LM in ``folder`` run in ``dtype`` over the rows of ``windows`` (token
     ids), ``batch`` rows at a time. ``path``: `LAYERWISE`, `WHOLE_MODEL`, or None: block by
     block where the model allows it (see the module's docstring), else the whole model. The
-    statistics are the same either way (the same operations on the same inputs)."""
+    statistics are the same either way (the same operations on the same inputs). ``after_block``
+    (block by block only, see `AfterBlock`) may change each block once its statistics are in."""
     folder = Path(folder)
     if path not in (None, LAYERWISE, WHOLE_MODEL):
         raise UsageError(f"path must be {LAYERWISE!r}, {WHOLE_MODEL!r} or None, got {path!r}")
     fallback = ""
     if path != WHOLE_MODEL:
         try:
-            return _layerwise(folder, windows, keep, batch=batch, progress=progress, diagonal=diagonal, dtype=dtype)
+            return _layerwise(folder, windows, keep, batch=batch, progress=progress, diagonal=diagonal, dtype=dtype,
+                              after_block=after_block)
         except LayerwiseUnsupported as e:
-            if path == LAYERWISE:
+            if path == LAYERWISE or after_block is not None:
                 raise UsageError(f"{folder}: cannot calibrate block by block: {e}") from None
             fallback = str(e)
     from .calibrate import _load_model, _second_moments
