@@ -32,6 +32,18 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _running_with(text: str) -> set[int]:
+    """Live processes whose command line holds ``text`` (this test's own temporary path)."""
+    found = set()
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and text.encode() in (d / "cmdline").read_bytes() and _alive(int(d.name)):
+                found.add(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
 def _alive(pid: int) -> bool:
     try:
         state = (Path("/proc") / str(pid) / "stat").read_text()
@@ -65,12 +77,12 @@ def test_sigkill_of_pack_leaves_no_worker_behind(tmp_path: Path) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == -signal.SIGKILL, "pack finished before it was killed: give it more work"
     deadline = time.monotonic() + 15
-    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+    while _running_with(str(src)) and time.monotonic() < deadline:
         time.sleep(0.1)
-    left = [w for w in workers if _alive(w)]
+    left = sorted(_running_with(str(src)))  # every process of that pack, workers or not
     for w in left:  # do not leave them to the rest of the suite either
         os.kill(w, signal.SIGKILL)
-    assert not left, f"workers {left} outlived their killed parent"
+    assert not left, f"processes {left} of the killed pack outlived it (its workers were {sorted(workers)})"
     assert b"Traceback" not in err, err.decode(errors="replace")
     assert not (tmp_path / "m.wclust").exists()
 
