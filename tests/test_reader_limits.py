@@ -129,8 +129,10 @@ def test_decode_rows_shapes_and_cap(tmp_path) -> None:  # type: ignore[no-untype
         assert r.decode("s").shape == () and float(r.decode("s")) == 2.5
         assert r.decode_rows("s", 0, 1).shape == ()
     with WclustReader(p, max_bytes=59) as r:  # refused by decode_rows itself, before any chunk
-        with pytest.raises(UsageError, match="tensor 'a': decoding needs 60 bytes"):
+        with pytest.raises(UsageError, match=f"{p}: tensor 'a': decoding needs 60 bytes"):
             r.decode_rows("a", 0, 3)
+    with WclustReader(p, max_bytes=0) as r:  # an empty range needs nothing
+        assert r.decode_rows("a", 2, 2).shape == (0, 5)
 
 
 def test_decode_rows_of_every_range_match_the_tensor_in_memory(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -206,7 +208,7 @@ def test_decode_chunk_cap_and_chunk_indices(tmp_path) -> None:  # type: ignore[n
     with WclustReader(p, max_bytes=640) as r:
         assert r.decode_chunk("w", 2).size == 160
         for i in (0, 1):
-            with pytest.raises(UsageError, match=f"tensor 'w': chunk {i}: decoding needs 1280 bytes"):
+            with pytest.raises(UsageError, match=f"{p}: tensor 'w': chunk {i}: decoding needs 1280 bytes"):
                 r.decode_chunk("w", i)
     with WclustReader(p) as r:
         r.check_sizes("w", [0, 1, 2])
@@ -214,3 +216,38 @@ def test_decode_chunk_cap_and_chunk_indices(tmp_path) -> None:  # type: ignore[n
             r.check_sizes("w", [3])
         with pytest.raises((FormatError, UsageError)):
             r.decode_chunk("w", 3)
+
+
+def test_preamble_sizes_and_what_the_error_says() -> None:
+    """A header of length 0 right after the preamble is a 64-byte file; under 64 bytes is
+    truncated; a header past the end is "truncated", one that ends early "followed by trailing bytes"."""
+    assert read_preamble(_preamble(0), 64, "f")[2:4] == (64, 0)
+    with pytest.raises(FormatError, match="truncated"):
+        read_preamble(_preamble(0), 63, "f")
+    with pytest.raises(FormatError, match=r"f: file is truncated \(header ends at 164, file size is 163\)"):
+        read_preamble(_preamble(100), 163, "f")
+    with pytest.raises(FormatError, match=r"f: file is followed by trailing bytes \(header ends at 164, file size is 165\)"):
+        read_preamble(_preamble(100), 165, "f")
+    with pytest.raises(FormatError) as e:
+        read_preamble(b"PK\x03\x04" + bytes(60), 64, "f")
+    assert str(e.value).endswith("expected b'\\x89WCLUST\\n')")  # no hint for a file that is not safetensors
+
+
+def test_max_bytes_values(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """None, 0 or any non-negative int, or "auto" (64x the file, at least 256 MiB); anything
+    else (negative, bool, float, another string) is a UsageError. use_mmap=False reads without a map."""
+    from wcfmt.errors import UsageError
+    from wcfmt.reader import WclustReader, auto_max_bytes
+
+    p, _ = _small_file(tmp_path)
+    for value, want in ((None, None), (0, 0), (7, 7), ("auto", auto_max_bytes(p.stat().st_size))):
+        with WclustReader(p, max_bytes=value) as r:
+            assert r.max_bytes == want
+    assert auto_max_bytes(p.stat().st_size) == 256 * MIB
+    for bad in (-1, True, 1.5, "AUTO", "64x"):
+        with pytest.raises(UsageError, match="max_bytes must be"):
+            WclustReader(p, max_bytes=bad)
+    with WclustReader(p) as r:
+        assert r._map is not None
+    with WclustReader(p, use_mmap=False) as r:
+        assert r._map is None and r.decode("a").shape == (3, 5)

@@ -194,7 +194,10 @@ def results(work: Path, env: dict[str, str]) -> dict[str, str]:
 
 
 def runs_in(work: Path) -> list[Path]:
-    """The per-module run folders of a kept folder (those holding a mutants/ folder)."""
+    """The per-module run folders of a kept folder (those holding a mutants/ folder), or the
+    folder itself when it is one."""
+    if (work / "mutants").is_dir():
+        return [work]
     return sorted(p.parent for p in work.glob("*/mutants"))
 
 
@@ -276,7 +279,6 @@ def resume(work: Path, tests: list[str] | None, limit: int) -> None:
         old = json.loads((work / "resume.json").read_text()) if (work / "resume.json").exists() else {}
         old.update({k: v for k, v in new.items() if v in ("killed", "timeout")})
         (work / "resume.json").write_text(json.dumps(old, indent=0))
-    return summarise_all([work])
 
 
 def main(argv: list[str] | None = None) -> int:
