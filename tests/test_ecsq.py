@@ -321,3 +321,52 @@ def test_dp_cells_is_the_optimum_then_the_greedy_merge_under_the_cap(seed: int) 
     assert capped.bounds.tolist() == greedy_merge(x, n, w, free.bounds.tolist(), lam, 0.0, k - 2)
     mean = [float((w[a:e] * x[a:e]).sum() / w[a:e].sum()) for a, e in zip(capped.bounds[:-1], capped.bounds[1:])]
     assert capped.mean.tolist() == pytest.approx(mean, rel=1e-12)
+
+
+# -- step_for_bits and ecsq_dp at their edges (mutants of tools/mutation.py on ecsq.py) ------------
+def _normal_hist(seed: int = 0, n: int = 4_000) -> ValueHistogram:
+    return value_histogram(np.random.default_rng(seed).normal(size=n).astype(np.float32), "F32")
+
+
+def test_step_for_bits_scales_divide_the_common_step() -> None:
+    """Cells are s·scale wide: scale 1 is the default, and scale 2 (or 0.1) gives the same cells
+    at half (ten times) the common step."""
+    from wcfmt.cluster.ecsq import step_for_bits
+
+    h = _normal_hist()
+    s1 = step_for_bits([h], 4.0, [16.0])
+    assert step_for_bits([h], 4.0, [16.0], [1.0]) == s1
+    assert step_for_bits([h], 4.0, [16.0], [2.0]) == pytest.approx(s1 / 2, rel=1e-5)
+    assert step_for_bits([h], 4.0, [16.0], [0.1]) == pytest.approx(s1 * 10, rel=1e-5)
+
+
+def test_step_for_bits_edges() -> None:
+    """Budgets must be positive and finite (0.5 bits is one); no values: step 1; one value 0: a
+    single cell can never spend the budget, so the step walks down to its lower bracket, a
+    quarter of the 4 × 1.0 upper one; k_max = 4 caps the rate at 2 bits/label, so a 4-bit budget
+    is never reached and the step walks down to a quarter of the smallest gap."""
+    from wcfmt.cluster.ecsq import step_for_bits
+
+    h = _normal_hist()
+    assert step_for_bits([h], 0.5, [16.0]) > step_for_bits([h], 4.0, [16.0]) > 0
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(UsageError, match="bits must be a positive number"):
+            step_for_bits([h], bad, [16.0])
+    empty = ValueHistogram("F32", np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+    assert step_for_bits([empty], 4.0, [16.0]) == 1.0
+    zeros = ValueHistogram("F32", np.zeros(1), np.array([1000]), np.full(1, 1000.0))
+    assert step_for_bits([zeros], 4.0, [16.0]) == pytest.approx(1.0, rel=1e-6)
+    lo = 0.25 * float(np.diff(h.x).min())
+    assert step_for_bits([h], 4.0, [16.0], k_max=4) == pytest.approx(lo, rel=1e-6)
+
+
+def test_ecsq_dp_arguments() -> None:
+    x, n = np.array([0.0, 1.0, 2.0]), np.ones(3)
+    assert ecsq_dp(x, n, n, 1.0, k_max=1).tolist() == [0, 3]
+    assert ecsq_dp(x.astype(np.float32), n.astype(np.int64), n, 0.0).tolist() == [0, 1, 2, 3]
+    bad = [((np.zeros(0), np.zeros(0), np.zeros(0), 0.1), {}), ((x, n[:2], n, 0.1), {}), ((x, n, n[:2], 0.1), {}),
+           ((x, n, n, -1.0), {}), ((x, n, n, math.inf), {}), ((x, n, n, math.nan), {}),
+           ((x, n, n, 0.1), {"k_max": 0}), ((x, n, n, 0.1), {"k_max": True}), ((x, n, n, 0.1), {"k_max": 2.0})]
+    for args, kw in bad:
+        with pytest.raises(UsageError):
+            ecsq_dp(*args, **kw)

@@ -201,8 +201,17 @@ def runs_in(work: Path) -> list[Path]:
     return sorted(p.parent for p in work.glob("*/mutants"))
 
 
+#: One thread per process: mutmut forks each mutant from a process that has imported numpy and
+#: torch, and a child forked while a BLAS/OpenMP thread pool exists can hang; mutmut would count
+#: the hang as a timeout, i.e. as caught (seen: ecsq mutants "timed out" that pass their tests in
+#: 2 s when run alone). It is also fairer to a shared machine.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 def env_for(sub: Path) -> dict[str, str]:
-    return dict(os.environ, PYTHONPATH=str(sub / "mutants"), PYTHONDONTWRITEBYTECODE="1")
+    env = dict(os.environ, PYTHONPATH=str(sub / "mutants"), PYTHONDONTWRITEBYTECODE="1", **ONE_THREAD)
+    env.pop("WCFMT_FUZZ", None)
+    return env
 
 
 def summarise_all(subs: list[Path]) -> int:
@@ -320,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             # made now: a PYTHONPATH entry that does not exist when Python starts is cached as "no finder",
             # and the editable install's wcfmt (the unmutated one) would be imported instead
             (sub / "mutants").mkdir()
-            env = dict(os.environ, PYTHONPATH=str(sub / "mutants"), PYTHONDONTWRITEBYTECODE="1")
-            env.pop("WCFMT_FUZZ", None)
-            runs.append((sub, env))
+            runs.append((sub, env_for(sub)))
         pending, active = list(runs), []
         while pending or active:
             while pending and len(active) < a.jobs:  # --jobs modules at once, one mutant each
