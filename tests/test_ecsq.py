@@ -370,3 +370,27 @@ def test_ecsq_dp_arguments() -> None:
     for args, kw in bad:
         with pytest.raises(UsageError):
             ecsq_dp(*args, **kw)
+
+
+def test_huffman_bits_edges_and_empty_scales() -> None:
+    """Zero counts are no symbols; one symbol costs 1 bit each; two cost 1 bit each; an empty
+    histogram's scale is 1."""
+    from wcfmt.cluster.ecsq import equal_slope_scales, huffman_bits
+
+    assert huffman_bits(np.array([2.0, 0.0, 1.0, 1.0, 0.0])) == 6.0
+    assert huffman_bits(np.array([5.0])) == 5.0 and huffman_bits(np.array([0.0, 5.0])) == 5.0
+    assert huffman_bits(np.array([3.0, 9.0])) == 12.0
+    empty = ValueHistogram("F32", np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0))
+    assert equal_slope_scales([empty]) == [1.0]
+
+
+def test_table_for_cells_merges_cells_that_round_to_one_value() -> None:
+    """Cells with means 0, 1, 1 + 2^-20 and 2: the two middle means are one fp16 value (1.0), so
+    they share a label: label bounds 0 | 1 2 | 3, a table of three values, cuts midway."""
+    from wcfmt.cluster.ecsq import table_for_cells
+
+    x = np.array([0.0, 1.0, 1.0 + 2.0 ** -20, 2.0])
+    h = ValueHistogram("F32", x, np.ones(4, dtype=np.int64), np.ones(4))
+    table, rebuilt, bounds, cuts = table_for_cells(h, cell_stats(h, np.array([0, 1, 2, 3, 4])), "F32")
+    assert rebuilt.tolist() == [0.0, 1.0, 2.0] and bounds.tolist() == [0, 1, 3, 4]
+    assert cuts.tolist() == pytest.approx([0.5, (1.0 + 2.0 ** -20 + 2.0) / 2], rel=1e-12)
