@@ -18,11 +18,15 @@ import torch
 
 pytest.importorskip("transformers")
 
-import transformers  # noqa: E402
+import transformers
 
-from wcfmt.cluster import layerwise as lw  # noqa: E402
-from wcfmt.cluster.calibrate import collect_hessians, collect_random_statistics, random_windows  # noqa: E402
-from wcfmt.errors import UsageError  # noqa: E402
+from wcfmt.cluster import layerwise as lw
+from wcfmt.cluster.calibrate import (
+    collect_hessians,
+    collect_random_statistics,
+    random_windows,
+)
+from wcfmt.errors import UsageError
 
 _SMALL = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=64)
@@ -124,8 +128,8 @@ def test_fallback_to_the_whole_model(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit_are_refused(tmp_path: Path) -> None:
-    from common import write_tiny_llama
     import safetensors.torch
+    from common import write_tiny_llama
 
     folder = write_tiny_llama(tmp_path, hidden=32, intermediate=64)
     sd = safetensors.torch.load_file(folder / "model.safetensors")
@@ -253,7 +257,7 @@ def test_smollm2_layerwise_equals_whole_model() -> None:
     folder = Path(os.environ.get("WCFMT_SMOLLM2_BF16", "/work/scratch/smollm2-bf16"))
     if not (folder / "config.json").is_file():
         pytest.skip(f"{folder}: no SmolLM2 bf16 folder (python tools/convert_gguf.py -o DIR; WCFMT_SMOLLM2_BF16=DIR)")
-    keep = lambda n: "embed" not in n and "lm_head" not in n  # noqa: E731 - what pack weighs
+    keep = lambda n: "embed" not in n and "lm_head" not in n
     a = collect_random_statistics(folder, names=keep)
     b = collect_random_statistics(folder, names=keep, path=lw.WHOLE_MODEL)
     assert (a.path, b.path, len(a.moments)) == (lw.LAYERWISE, lw.WHOLE_MODEL, 30 * 7)
@@ -309,7 +313,7 @@ def test_after_block_feeds_the_changed_block_on(tmp_path: Path) -> None:
         seen.append((i, sorted(moments)))
         block.mlp.down_proj.weight.data.zero_()  # the block adds nothing through its MLP
 
-    keep = lambda n: "lm_head" not in n  # noqa: E731
+    keep = lambda n: "lm_head" not in n
     plain = lw.second_moments(folder, windows, keep, batch=2, diagonal=True, dtype=torch.float32)
     changed = lw.second_moments(folder, windows, keep, batch=2, diagonal=True, dtype=torch.float32,
                                 after_block=zero_mlp)

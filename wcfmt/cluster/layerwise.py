@@ -7,7 +7,8 @@ calibrate big models this way, and so does `second_moments` here:
    (buffers such as the rotary frequencies are real: they are computed, not stored);
 2. the parameters outside the decoder stack that the start of the forward pass needs (the token
    embedding; the final norm and LM head only when the head's own statistics are wanted) are read
-   from the source shards with safetensors' lazy ``get_tensor``, only those keys;
+   from the source shards, only those keys, by positioned reads at the headers' offsets (`_Shards`:
+   not through a memory map, whose pages would count in the RSS);
 3. the model's own ``forward`` runs with each block of the stack swapped for a recorder that keeps
    what that block is called with (hidden states, attention mask, rotary position embeddings,
    position ids: whatever this architecture and this transformers version pass) and the last one
@@ -34,7 +35,7 @@ import json
 import math
 import re
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,13 +46,14 @@ import torch
 from ..errors import UsageError
 
 __all__ = [
+    "AfterBlock",
     "LAYERWISE",
     "WHOLE_MODEL",
-    "Statistics",
-    "Need",
     "LayerwiseUnsupported",
-    "second_moments",
+    "Need",
+    "Statistics",
     "calibration_need",
+    "second_moments",
 ]
 
 #: ``Statistics.path`` (and the header's ``calib_path``) of the block-by-block pass.
@@ -344,10 +346,9 @@ def _layerwise(
     folder: Path, windows: torch.Tensor, keep: Callable[[str], bool], *, batch: int, progress: bool, diagonal: bool,
     dtype: torch.dtype, after_block: AfterBlock | None = None,
 ) -> Statistics:
+    from ..errors import WclustError
     from ..progress import bar
     from .calibrate import _MomentHooks
-
-    from ..errors import WclustError
 
     model = _skeleton(folder, dtype)
     stack_name, stack = _find_stack(model)
