@@ -619,7 +619,7 @@ def _diagonal_16bit(
 
     rows, cols = bits.shape
     classes, col_class = np.unique(omega, return_inverse=True)
-    present = np.flatnonzero(np.bincount(bits.reshape(-1), minlength=1 << 16))
+    present = np.flatnonzero(_counts(bits, 1 << 16))
     xv = _pattern_values(dtype)[present]
     table = _diagonal(np.broadcast_to(xv, (classes.size, xv.size)), classes[:, None], grid, lam, code_bits)
     lut_t = np.zeros((1 << 16, classes.size), dtype=np.uint8)
@@ -640,28 +640,49 @@ def _rebuilt(table: torch.Tensor, dtype: str) -> np.ndarray:
     return _rebuilt_values(to_numpy(table), dtype)
 
 
+def _counts(values: np.ndarray, minlength: int) -> np.ndarray:
+    """``np.bincount`` of small unsigned integers in blocks: bincount widens its input to int64,
+    8 bytes a weight for the whole matrix at once."""
+    flat = values.reshape(-1)
+    out = np.zeros(minlength, dtype=np.int64)
+    for a in range(0, flat.size, 1 << 22):
+        out += np.bincount(flat[a : a + (1 << 22)], minlength=minlength)
+    return out
+
+
 def _code_bits(labels: np.ndarray, k: int) -> np.ndarray:
-    counts = np.bincount(labels.reshape(-1), minlength=k).astype(np.float64)
+    counts = _counts(labels, k).astype(np.float64)
     n = counts.sum()
     # An empty cell costs as much as a label seen once: reachable, but not free.
     return -np.log2(np.maximum(counts, 1.0) / n)
 
 
-def _refit(w: np.ndarray, labels: np.ndarray, grid: np.ndarray, col_weight: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """Cell means of ``w`` weighted by column importance, rounded to a table; (table, new labels)."""
+def _refit(w: Callable[[int, int], np.ndarray], labels: np.ndarray, grid: np.ndarray, col_weight: np.ndarray,
+           dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Cell means of the weights (rows ``w(a, b)`` as float64) weighted by column importance,
+    rounded to a table; (table, new labels). Rows are read in blocks, so memory is a block's,
+    not the matrix's four float64 copies."""
     k = grid.size
-    wt = np.broadcast_to(col_weight, w.shape).reshape(-1)
-    lab = labels.reshape(-1).astype(np.int64)
-    mass = np.bincount(lab, weights=wt, minlength=k)
-    sums = np.bincount(lab, weights=wt * w.reshape(-1), minlength=k)
+    n_rows, cols = labels.shape
+    step = max(1, _DIAG_BLOCK * 16 // max(1, cols))
+    mass = np.zeros(k)
+    sums = np.zeros(k)
+    count = np.zeros(k, dtype=np.int64)
+    for a in range(0, n_rows, step):
+        b = min(n_rows, a + step)
+        lab = labels[a:b].reshape(-1)
+        wt = np.broadcast_to(col_weight, (b - a, cols)).reshape(-1)
+        mass += np.bincount(lab, weights=wt, minlength=k)
+        sums += np.bincount(lab, weights=wt * w(a, b).reshape(-1), minlength=k)
+        count += np.bincount(lab, minlength=k)
     means = np.where(mass > 0, sums / np.where(mass > 0, mass, 1.0), grid)
-    used = np.flatnonzero(np.bincount(lab, minlength=k))
+    used = np.flatnonzero(count)
     # Each used cell's mean, rounded the way a table entry is; cells may merge or swap order.
     each = rebuilt_of_each(means[used], dtype)
     table, rebuilt = round_centroids(means[used], dtype)
-    remap = np.zeros(k, dtype=np.int64)
+    remap = np.zeros(k, dtype=np.uint8)
     remap[used] = np.searchsorted(rebuilt, each)
-    return table, remap[labels].astype(np.uint8)
+    return table, remap[labels]
 
 
 def calibrate_clustered(
@@ -708,10 +729,17 @@ def calibrate_clustered(
     col_weight = np.maximum(h if diagonal else np.diag(h), 0.0)
     if not (col_weight > 0).any():
         col_weight = np.ones(cols)
-    w = original.detach().cpu().to(torch.float64).numpy()
+    source = original.detach().cpu()
     patterns = None  # a diagonal H and a 16-bit source: labels by tables (`_diagonal_16bit`)
     if diagonal and dtype in ("BF16", "F16") and name_of(original.dtype) == dtype:
-        patterns = to_numpy(original.detach().cpu().contiguous()).view(np.uint16).reshape(shape)
+        patterns = to_numpy(source.contiguous()).view(np.uint16).reshape(shape)
+    # GPTQ's loop wants the whole float64 matrix; the table path reads rows in blocks as it needs
+    # them (`_refit`), so that its memory stays near the source's (an 8B model's MLP matrix: 0.1
+    # GB in bf16, 0.5 GB more as float64, and more again for the refit's per-weight arrays).
+    w = None if patterns is not None else source.to(torch.float64).numpy()
+
+    def rows(a: int, b: int) -> np.ndarray:
+        return w[a:b] if w is not None else source[a:b].to(torch.float64).numpy()
     old = to_numpy(ct.labels)
     labels = np.empty(shape, dtype=np.uint8)
     tables: list[torch.Tensor] = []
@@ -728,10 +756,11 @@ def calibrate_clustered(
             assert omega is not None
             lab = _diagonal_16bit(patterns[a:b], dtype, omega, grid, lam, bits)
         else:
+            assert w is not None
             lab = gptq_labels(w[a:b], h, grid, damp=damp, lam=lam, code_bits=bits, u=u)
         table = ct.centroids[i]
         if refit:
-            t16, lab = _refit(w[a:b], lab, grid, col_weight, dtype)
+            t16, lab = _refit(lambda r0, r1, a=a: rows(a + r0, a + r1), lab, grid, col_weight, dtype)
             table = from_numpy(t16, "F16")
         labels[a:b] = lab
         tables += [table] * (j - i)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..clustered_tensor import ClusteredTensor
-from ..dtypes import to_numpy
+from ..dtypes import from_numpy, name_of, to_numpy
 from ..errors import UsageError
 from ..schema import rows_and_row_size
 
@@ -96,18 +96,24 @@ def quality(original: torch.Tensor, clustered: ClusteredTensor) -> dict[str, flo
     """
     if tuple(original.shape) != tuple(clustered.shape):
         raise UsageError(f"shapes differ: original {tuple(original.shape)}, clustered {tuple(clustered.shape)}")
-    w = original.detach().cpu().to(torch.float64).reshape(-1).numpy()
-    w_hat = clustered.decode().to(torch.float64).reshape(-1).numpy()
+    from ..rebuild.reference import centroids_as
+
+    # Chunk by chunk, as `ClusteredTensor.decode` rebuilds it: memory is a chunk's float64
+    # copies, not the whole matrix's (an 8B model's embedding: 4 GB each).
+    flat = original.detach().cpu().reshape(-1)
+    name = name_of(clustered.dtype)
     labels = to_numpy(clustered.labels).reshape(-1)
     _, row_size = rows_and_row_size(tuple(clustered.shape))
     stats = []
     for table, (a, b) in zip(clustered.centroids, clustered.row_ranges()):
         s = slice(a * row_size, b * row_size)
+        w = flat[s].to(torch.float64).numpy()
+        w_hat = from_numpy(np.take(centroids_as(to_numpy(table), name), labels[s]), name).to(torch.float64).numpy()
         stats.append(
             ChunkStats(
                 n=s.stop - s.start,
-                sum_sq=float(np.dot(w[s], w[s])),
-                err_sq=float(np.dot(w[s] - w_hat[s], w[s] - w_hat[s])),
+                sum_sq=float(np.dot(w, w)),
+                err_sq=float(np.dot(w - w_hat, w - w_hat)),
                 label_counts=np.bincount(labels[s], minlength=table.numel()).astype(np.float64),
             )
         )
