@@ -92,13 +92,15 @@ def pack(src: str | Path, dst: str | Path, options: PackOptions | None = None, *
     check_output(source.path, dst, force=opts.force, want_dir=source.is_dir)
     source.read_headers()  # every header checked before anything is written
     stages: dict[str, float] = {"plan": time.perf_counter() - t0}
-    _calibrate.run_beside(plan, source, calibration, opts.progress,
-                          lambda: allocate_bits(plan, source.files, opts.progress), stages)
-    t1 = time.perf_counter()
+    # The encoder's workers are forked first, while this process is small and has no thread of
+    # its own: forked later, each would map what calibration and allocation left resident.
     with Clusterer(opts.threads, source.file_bytes) as clusterer:
+        _calibrate.run_beside(plan, source, calibration, opts.progress,
+                              lambda: allocate_bits(plan, source.files, opts.progress), stages)
+        t1 = time.perf_counter()
         report = write_pack(source, dst, plan, level=opts.level, threads=opts.threads, force=opts.force,
                             progress=opts.progress, clusterer=clusterer, card=_card(opts, source, dst))
-    stages["encode+write"] = time.perf_counter() - t1
+        stages["encode+write"] = time.perf_counter() - t1
     report.stages, report.capped = stages, dict(plan.capped)
     report.seconds = time.perf_counter() - t0
     _warn_capped(report, plan)
