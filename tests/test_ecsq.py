@@ -285,8 +285,9 @@ def greedy_merge(x: np.ndarray, n: np.ndarray, w: np.ndarray, bounds: list[int],
     return b
 
 
+@pytest.mark.parametrize("entry", [0.0, 16.0])
 @pytest.mark.parametrize("seed", range(8))
-def test_merge_cells_matches_the_greedy_rule_by_a_second_formula(seed: int) -> None:
+def test_merge_cells_matches_the_greedy_rule_by_a_second_formula(seed: int, entry: float) -> None:
     rng = np.random.default_rng(seed)
     m = 40
     x = np.sort(rng.choice(np.linspace(-4, 4, 801), size=m, replace=False))
@@ -295,12 +296,16 @@ def test_merge_cells_matches_the_greedy_rule_by_a_second_formula(seed: int) -> N
     h = ValueHistogram("F32", x, n.astype(np.int64), w)
     start = uniform_cells(h, 0.25)
     lam, k_max = float(rng.choice([0.01, 0.05])), int(rng.integers(3, 6))
-    got = merge_cells(cell_stats(h, start), lam, 0.0, k_max=k_max)
-    assert got.tolist() == greedy_merge(x, n, w, start.tolist(), lam, 0.0, k_max)
+    got = merge_cells(cell_stats(h, start), lam, entry, k_max=k_max)
+    assert got.tolist() == greedy_merge(x, n, w, start.tolist(), lam, entry, k_max)
+    # two cells, one allowed: they merge
+    two = np.array([0, 20, 40])
+    assert merge_cells(cell_stats(h, two), 0.0, 0.0, k_max=1).tolist() == [0, 40]
 
 
+@pytest.mark.parametrize("entry", [0.0, 16.0])
 @pytest.mark.parametrize("seed", range(4))
-def test_dp_cells_is_the_optimum_then_the_greedy_merge_under_the_cap(seed: int) -> None:
+def test_dp_cells_is_the_optimum_then_the_greedy_merge_under_the_cap(seed: int, entry: float) -> None:
     """Uncapped: the least J over every partition (brute force). Over the cap: the DP's cells
     merged by the greedy rule (the second formula above) down to k_max."""
     from wcfmt.cluster.ecsq import dp_cells
@@ -311,14 +316,15 @@ def test_dp_cells_is_the_optimum_then_the_greedy_merge_under_the_cap(seed: int) 
     n = rng.integers(1, 40, size=m).astype(np.float64)
     w = n * rng.uniform(0.3, 3.0, size=m)
     h = ValueHistogram("F32", x, n.astype(np.int64), w)
-    lam = 0.02
-    free = dp_cells(h, lam, 0.0)
-    assert j_direct(x, n, w, free.bounds, lam, 0.0) == pytest.approx(brute_force(x, n, w, lam, 0.0, None), rel=1e-9)
+    lam = 0.3 if entry == 0 else 0.01
+    free = dp_cells(h, lam, entry)
+    assert j_direct(x, n, w, free.bounds, lam, entry) == pytest.approx(brute_force(x, n, w, lam, entry, None), rel=1e-9)
+    assert free.n.size < m  # some values share a cell at this slope
     assert free.n.tolist() == [float(n[a:e].sum()) for a, e in zip(free.bounds[:-1], free.bounds[1:])]
     k = free.n.size
     assert k >= 3
-    capped = dp_cells(h, lam, 0.0, k_max=k - 2)
-    assert capped.bounds.tolist() == greedy_merge(x, n, w, free.bounds.tolist(), lam, 0.0, k - 2)
+    capped = dp_cells(h, lam, entry, k_max=k - 2)
+    assert capped.bounds.tolist() == greedy_merge(x, n, w, free.bounds.tolist(), lam, entry, k - 2)
     mean = [float((w[a:e] * x[a:e]).sum() / w[a:e].sum()) for a, e in zip(capped.bounds[:-1], capped.bounds[1:])]
     assert capped.mean.tolist() == pytest.approx(mean, rel=1e-12)
 
@@ -356,6 +362,8 @@ def test_step_for_bits_edges() -> None:
     assert step_for_bits([empty], 4.0, [16.0]) == 1.0
     zeros = ValueHistogram("F32", np.zeros(1), np.array([1000]), np.full(1, 1000.0))
     assert step_for_bits([zeros], 4.0, [16.0]) == pytest.approx(1.0, rel=1e-6)
+    threes = ValueHistogram("F32", np.full(1, 3.0), np.array([1000]), np.full(1, 1000.0))  # span |3|: 4·3/4
+    assert step_for_bits([threes], 4.0, [16.0]) == pytest.approx(3.0, rel=1e-6)
     lo = 0.25 * float(np.diff(h.x).min())
     assert step_for_bits([h], 4.0, [16.0], k_max=4) == pytest.approx(lo, rel=1e-6)
 
@@ -394,3 +402,37 @@ def test_table_for_cells_merges_cells_that_round_to_one_value() -> None:
     table, rebuilt, bounds, cuts = table_for_cells(h, cell_stats(h, np.array([0, 1, 2, 3, 4])), "F32")
     assert rebuilt.tolist() == [0.0, 1.0, 2.0] and bounds.tolist() == [0, 1, 3, 4]
     assert cuts.tolist() == pytest.approx([0.5, (1.0 + 2.0 ** -20 + 2.0) / 2], rel=1e-12)
+
+
+def huffman_reference(counts: list[float], cap: int = 11) -> float:
+    """Σ count · min(code length, cap) of a Huffman code built with heapq (a second construction)."""
+    import heapq
+
+    c = [x for x in counts if x > 0]
+    if len(c) == 1:
+        return c[0]
+    heap = [(x, i, [i]) for i, x in enumerate(c)]
+    heapq.heapify(heap)
+    depth, order = [0] * len(c), len(c)
+    while len(heap) > 1:
+        a, b = heapq.heappop(heap), heapq.heappop(heap)
+        for i in a[2] + b[2]:
+            depth[i] += 1
+        heapq.heappush(heap, (a[0] + b[0], order, a[2] + b[2]))
+        order += 1
+    return float(sum(x * min(d, cap) for x, d in zip(c, depth)))
+
+
+def test_huffman_bits_against_a_heap_construction_and_the_cap() -> None:
+    from wcfmt.cluster.ecsq import huffman_bits
+
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        counts = rng.uniform(1, 1000, size=int(rng.integers(2, 40))) * rng.integers(1, 3)
+        assert huffman_bits(counts) == pytest.approx(huffman_reference(counts.tolist()), rel=1e-12)
+    # near-Fibonacci counts: a depth of 15 uncapped, so the 11-bit cap changes the total
+    fib = [1.0, 1.3]
+    while len(fib) < 16:
+        fib.append(fib[-1] + fib[-2] + 0.1)
+    assert huffman_reference(fib, cap=99) > huffman_reference(fib)
+    assert huffman_bits(np.array(fib)) == pytest.approx(huffman_reference(fib), rel=1e-12)
