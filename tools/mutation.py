@@ -39,10 +39,13 @@ Not mutated: statements that raise an error with a message or log or warn (`NOT_
 changed message is not a silent error, and mutmut would make three mutants of every message
 string. The conditions that lead to them are mutated.
 
-``--resume DIR`` (a ``--keep`` folder) copies the current tests/ into it and runs only its surviving
-mutants again, only against the test files that changed or were added since the run (or
-``--tests``), each in the same pytest process with ``MUTANT_UNDER_TEST`` set and a time limit
-(``--time-limit``); new verdicts go to DIR/resume.json and the totals are printed again. It is how
+``--resume DIR`` (a ``--keep`` folder, or one module's folder in it) copies the current tests/ into
+it and runs its surviving mutants again (and any an earlier ``--resume`` marked killed), only
+against the test files that changed or were added since the run (or ``--tests``, which may name
+single tests), each in its own pytest process with ``MUTANT_UNDER_TEST`` set and a time limit
+(``--time-limit``); the verdicts go to DIR/resume.json and the totals are printed again. (A first
+version ran all mutants in one pytest process: state left by one mutant hid the next one's
+failures, so each now gets a fresh process.) It is how
 a new test is credited with the mutants it kills without running the whole campaign again.
 
 Limits: mutmut 3 mutates code inside functions and methods only, not module-level constants (a
@@ -236,27 +239,6 @@ def summarise_all(subs: list[Path]) -> int:
     return 0 if verdicts else 1
 
 
-RESUME = """\
-import json, os, signal, sys
-import pytest
-names, args, limit = json.loads(sys.argv[1]), json.loads(sys.argv[2]), int(sys.argv[3])
-def alarm(*_): raise TimeoutError("mutant over its time limit")
-signal.signal(signal.SIGALRM, alarm)
-out = {}
-for name in names:
-    os.environ["MUTANT_UNDER_TEST"] = name
-    signal.alarm(limit)
-    try:
-        rc = pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--no-header", "-p", "no:warnings", *args])
-    except TimeoutError:
-        rc = -1
-    signal.alarm(0)
-    out[name] = "timeout" if rc == -1 else "killed" if rc == 1 else "survived" if rc == 0 else f"error {rc}"
-    print(name, out[name], flush=True)
-json.dump(out, open(sys.argv[4], "w"))
-"""
-
-
 def resume_all(work: Path, tests: list[str] | None, limit: int) -> int:
     subs = runs_in(work)
     for sub in subs:
@@ -265,11 +247,16 @@ def resume_all(work: Path, tests: list[str] | None, limit: int) -> int:
 
 
 def resume(work: Path, tests: list[str] | None, limit: int) -> None:
-    """Run the surviving mutants of a kept run again, against the test files changed or added
-    since (or ``tests``), and record the new verdicts in ``work/resume.json``."""
+    """Run the surviving mutants of a kept run again (and those an earlier --resume marked killed),
+    each in its own pytest process with ``MUTANT_UNDER_TEST`` set and a time limit, against the
+    test files changed or added since (or ``tests``); record the verdicts in ``work/resume.json``."""
     env = env_for(work)
+    again = work / "resume.json"
+    earlier = json.loads(again.read_text()) if again.exists() else {}
+    if again.exists():
+        again.unlink()
     verdicts = results(work, env)
-    names = [k for k, v in verdicts.items() if v in SURVIVING]
+    names = sorted(set(k for k, v in verdicts.items() if v in SURVIVING) | set(earlier))
     if tests is None:
         tests = [str(f.relative_to(ROOT)) for f in sorted((ROOT / "tests").glob("*.py"))
                  if not (work / "tests" / f.name).exists() or (work / "tests" / f.name).read_bytes() != f.read_bytes()]
@@ -279,15 +266,19 @@ def resume(work: Path, tests: list[str] | None, limit: int) -> None:
     for f in sorted((ROOT / "tests").glob("*.py")):  # the new test files and helpers
         for d in (work / "tests", work / "mutants" / "tests"):
             shutil.copy2(f, d / f.name)
-    print(f"resume: {len(names)} surviving mutants against", " ".join(tests) or "(no changed tests)", flush=True)
-    if names and tests:
-        out = work / "resume-new.json"
-        subprocess.run([sys.executable, "-c", RESUME, json.dumps(names), json.dumps(tests), str(limit), str(out)],
-                       cwd=work / "mutants", env=env, check=False, stdout=subprocess.DEVNULL)
-        new = json.loads(out.read_text()) if out.exists() else {}
-        old = json.loads((work / "resume.json").read_text()) if (work / "resume.json").exists() else {}
-        old.update({k: v for k, v in new.items() if v in ("killed", "timeout")})
-        (work / "resume.json").write_text(json.dumps(old, indent=0))
+    print(f"resume: {len(names)} mutants against", " ".join(tests) or "(no changed tests)", flush=True)
+    new: dict[str, str] = {}
+    for name in names if tests else []:
+        try:
+            rc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                cwd=work / "mutants", env=dict(env, MUTANT_UNDER_TEST=name), timeout=limit,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+            new[name] = {0: "survived", 1: "killed"}.get(rc, f"error {rc}")
+        except subprocess.TimeoutExpired:
+            new[name] = "timeout"
+        if new[name].startswith("error"):
+            print(f"{name}: {new[name]} on --resume (counted as survived)")
+    again.write_text(json.dumps({k: v for k, v in new.items() if v in ("killed", "timeout")}, indent=0))
 
 
 def main(argv: list[str] | None = None) -> int:
