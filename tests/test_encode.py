@@ -93,3 +93,40 @@ def test_a_worker_exits_when_its_parent_is_already_gone() -> None:
     code = ("import os, wcfmt.packing.encode as e; e._die_with_parent(os.getppid() + 10**7); print('alive')")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
     assert r.returncode == 1 and b"alive" not in r.stdout and b"Traceback" not in r.stderr
+
+
+def test_tensors_in_flight_are_bounded_by_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a pool, tensors are clustered ahead of the writer up to the workers' count and
+    `INFLIGHT_BYTES` of sources; a tensor above that goes alone. Same bytes either way."""
+    import safetensors.torch
+
+    import wcfmt
+    from wcfmt.packing import write
+    from wcfmt.writer import WclustWriter
+
+    g = torch.Generator().manual_seed(1)
+    src = tmp_path / "m.safetensors"
+    safetensors.torch.save_file({f"model.layers.{i}.mlp.up_proj.weight": torch.randn(64, 64, generator=g).bfloat16()
+                                 for i in range(6)}, str(src))
+    monkeypatch.setattr(encode, "PROCESS_POOL_MIN_BYTES", 0)
+    ahead = {"now": 0, "most": 0}
+    real_submit, real_add = encode.Clusterer.submit, WclustWriter.add
+
+    def submit(self, t, spec):  # type: ignore[no-untyped-def]
+        ahead["now"] += 1
+        ahead["most"] = max(ahead["most"], ahead["now"])
+        return real_submit(self, t, spec)
+
+    def add(self, name, item):  # type: ignore[no-untyped-def]
+        ahead["now"] -= 1
+        return real_add(self, name, item)
+
+    monkeypatch.setattr(encode.Clusterer, "submit", submit)
+    monkeypatch.setattr(WclustWriter, "add", add)
+    wcfmt.pack(src, tmp_path / "free.wclust", threads=2, calib="none")
+    assert ahead["most"] == 3  # the workers' two ahead of the one being written
+    monkeypatch.setattr(write, "INFLIGHT_BYTES", 64 * 64 * 2)  # one tensor's bytes
+    ahead["most"] = 0
+    wcfmt.pack(src, tmp_path / "bounded.wclust", threads=2, calib="none")
+    assert ahead["most"] == 1
+    assert (tmp_path / "free.wclust").read_bytes() == (tmp_path / "bounded.wclust").read_bytes()

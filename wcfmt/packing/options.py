@@ -79,7 +79,14 @@ CALIB_CHOICES = ("random", "self", "none")
 #: The ``settings.extra`` key that holds the recorded options (JSON).
 OPTIONS_KEY = "options"
 
-_LEVEL_RANGE = (-131072, 22)
+#: field -> (lowest, highest, what the error message says it must be)
+_INTEGER_RANGES: dict[str, tuple[float, float, str]] = {
+    "k": (1, 256, "an integer in 1..256"),
+    "chunk_rows": (1, math.inf, "a positive integer or None"),
+    "threads": (1, math.inf, "a positive integer or None"),
+    "calib_tokens": (2, math.inf, "an integer >= 2"),
+    "level": (-131072, 22, "a zstd level, an integer in -131072..22"),
+}
 
 
 def _f(flag: str | None, description: str, *, metavar: str | None = None, group: str = "encode",
@@ -197,32 +204,12 @@ class PackOptions(BaseModel):
             raise UsageError(f"{info.field_name} must be a number of bits per weight in (0, 16], got {v!r}")
         return v
 
-    @field_validator("k", mode="before")
+    @field_validator("k", "chunk_rows", "threads", "calib_tokens", "level", mode="before")
     @classmethod
-    def _k(cls, v: Any) -> Any:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 256):
-            raise UsageError(f"k must be an integer in 1..256, got {v!r}")
-        return v
-
-    @field_validator("chunk_rows", "threads", mode="before")
-    @classmethod
-    def _positive(cls, v: Any, info: Any) -> Any:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-            raise UsageError(f"{info.field_name} must be a positive integer or None, got {v!r}")
-        return v
-
-    @field_validator("calib_tokens", mode="before")
-    @classmethod
-    def _calib_tokens(cls, v: Any) -> Any:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 2):
-            raise UsageError(f"calib_tokens must be an integer >= 2, got {v!r}")
-        return v
-
-    @field_validator("level", mode="before")
-    @classmethod
-    def _level(cls, v: Any) -> Any:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not _LEVEL_RANGE[0] <= v <= _LEVEL_RANGE[1]):
-            raise UsageError(f"level must be a zstd level, an integer in -131072..22, got {v!r}")
+    def _integers(cls, v: Any, info: Any) -> Any:
+        lo, hi, what = _INTEGER_RANGES[info.field_name]
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi):
+            raise UsageError(f"{info.field_name} must be {what}, got {v!r}")
         return v
 
     @field_validator("embed_weight", mode="before")
@@ -261,7 +248,8 @@ class PackOptions(BaseModel):
         for p, x in v.items():
             _compile(p, info.field_name)
             if info.field_name == "k_overrides":
-                cls._k(x)
+                if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 256:
+                    raise UsageError(f"k_overrides[{p!r}] must be an integer in 1..256, got {x!r}")
             elif isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 16:
                 raise UsageError(f"bits_overrides[{p!r}] must be a number of bits per weight in (0, 16], got {x!r}")
         return dict(v)

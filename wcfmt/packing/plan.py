@@ -79,29 +79,19 @@ class Plan:
         return Spec(None, self.steps[name], self.policy.chunk_rows, h)
 
 
-def make_plan(options: PackOptions, *, bits: float | None = None) -> Plan:
-    """The policy and base settings of ``options`` (already validated); ``bits``: the budget
-    when ``options`` leave it to the default (which depends on calibration, `wcfmt.packing.calibrate`)."""
+def make_plan(options: PackOptions) -> Plan:
+    """The policy and base settings of ``options`` (validated; `wcfmt.pack` first resolves the
+    defaults that depend on calibration)."""
     from ..cluster import ClusterPolicy
 
     o = options
     bits_mode = not o.k_mode
-    if bits_mode:
-        bits = o.bits if o.bits is not None else (bits if bits is not None else DEFAULT_BITS)
     embeddings = bits_mode if o.embeddings is None else o.embeddings
     kwargs: dict[str, Any] = {"embeddings": bool(embeddings)}
-    if o.k is not None:
-        kwargs["k"] = o.k
-    if o.chunk_rows is not None:
-        kwargs["chunk_rows"] = o.chunk_rows
-    if o.include is not None:
-        kwargs["include"] = o.include
-    if o.exclude is not None:
-        kwargs["exclude"] = o.exclude
-    if o.k_overrides:
-        kwargs["k_overrides"] = o.k_overrides
+    kwargs.update({n: getattr(o, n) for n in ("k", "chunk_rows", "include", "exclude", "k_overrides")
+                   if getattr(o, n) is not None})
     if bits_mode:
-        kwargs["bits"] = bits
+        kwargs["bits"] = o.bits if o.bits is not None else DEFAULT_BITS
         kwargs["bits_overrides"] = o.bits_overrides
     policy = ClusterPolicy(**kwargs)
     budgets = None

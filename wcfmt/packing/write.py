@@ -27,7 +27,12 @@ from .plan import Plan
 from .report import FileReport, PackReport
 from .source import Source
 
-__all__ = ["write_pack"]
+__all__ = ["write_pack", "INFLIGHT_BYTES"]
+
+#: Source bytes of the tensors clustered ahead of the one being written, at most (a larger
+#: tensor goes alone). 8B-shaped pack: the MLP matrices (117 MB) keep both workers busy; the
+#: embedding and LM head (1.05 GB each) go one at a time.
+INFLIGHT_BYTES = 1 << 30
 
 
 def write_pack(source: Source, dst: Path, plan: Plan, *, level: int | None, threads: int | None, force: bool,
@@ -94,6 +99,11 @@ def _pack_file(
                 overall.update(info.nbytes)
 
             for info in source.tensors.values():
+                # A tensor in flight holds its source here (the pool keeps a task's arguments) and,
+                # done, its labels: bound their bytes too, so that two of an 8B model's 1 GB
+                # embedding matrices are never held at once beside a third tensor.
+                while pending and sum(i.nbytes for i, _ in pending) + info.nbytes > INFLIGHT_BYTES:
+                    write_oldest()
                 t = source.get_tensor(info.name)
                 decision = (
                     plan.decide(info.name, tuple(info.shape), info.dtype)
