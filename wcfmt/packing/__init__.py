@@ -33,7 +33,7 @@ from typing import Any
 from ..dtypes import torch_dtype_of
 from ..io.folder import check_output
 from . import calibrate as _calibrate
-from .encode import Clusterer, cluster_for_storage
+from .encode import Clusterer, cluster_for_storage, release_free_memory
 from .options import (
     DEFAULT_BITS,
     DEFAULT_BITS_CALIBRATED,
@@ -97,6 +97,7 @@ def pack(src: str | Path, dst: str | Path, options: PackOptions | None = None, *
     with Clusterer(opts.threads, source.file_bytes) as clusterer:
         _calibrate.run_beside(plan, source, calibration, opts.progress,
                               lambda: allocate_bits(plan, source.files, opts.progress), stages)
+        release_free_memory()
         t1 = time.perf_counter()
         report = write_pack(source, dst, plan, level=opts.level, threads=opts.threads, force=opts.force,
                             progress=opts.progress, clusterer=clusterer, card=_card(opts, source, dst))

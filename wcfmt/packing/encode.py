@@ -20,7 +20,7 @@ import torch
 from ..clustered_tensor import ClusteredTensor
 from ..constants import DEFAULT_STORAGE_CHUNK_ROWS
 
-__all__ = ["Spec", "Clusterer", "cluster_for_storage", "cluster_spec", "CALIB_REFIT"]
+__all__ = ["Spec", "Clusterer", "cluster_for_storage", "cluster_spec", "release_free_memory", "CALIB_REFIT"]
 
 #: With ``calib``: after the calibrated labelling, replace each table by its cells'
 #: diag(H)-weighted means (measured on SmolLM2 with tools/eval_smollm2.py --calib; README "Calibration").
@@ -120,6 +120,20 @@ def _die_with_parent(parent: int) -> None:
 
 def _worker_ready() -> None:
     return None
+
+
+def release_free_memory() -> None:
+    """Hand the C heap's free memory back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing). Stages that allocate and free much from several threads (calibration beside the
+    allocation) leave it in per-thread arenas, where it counts in the RSS while later stages run."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class Clusterer:

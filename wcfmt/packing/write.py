@@ -22,7 +22,7 @@ from ..io.safetensors_io import SAFETENSORS_SUFFIX, SafetensorsSource
 from ..progress import bar
 from ..schema import PackSettings
 from ..writer import WclustWriter
-from .encode import Clusterer
+from .encode import Clusterer, release_free_memory
 from .plan import Plan
 from .report import FileReport, PackReport
 from .source import Source
@@ -93,6 +93,9 @@ def _pack_file(
                     except (WclustError, ValueError) as e:
                         raise UsageError(f"{where(src, info.name)}: cannot cluster: {e}") from e
                 w.add(info.name, item)
+                if info.nbytes >= INFLIGHT_BYTES // 4:
+                    del item
+                    release_free_memory()  # a big tensor's buffers, freed: give them back now
                 report.tensors += 1
                 per_tensor.set_postfix_str(info.name)
                 per_tensor.update(1)
