@@ -31,6 +31,8 @@ EXTERNAL = {
     "results/notes-bench.md": "tools/NOTES-bench.md",
     "results/notes-gpu.md": "tools/NOTES-gpu.md",
     "results/notes-fuzz.md": "tools/NOTES-fuzz.md",
+    "results/notes-scale.md": "tools/NOTES-scale.md",
+    "results/notes-mutation.md": "tools/NOTES-mutation.md",
 }
 PLOTS = "tools/experiments/results"  # *.png -> img/experiments/*.png, *.md -> experiments/*.md
 
