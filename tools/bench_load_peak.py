@@ -35,6 +35,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_shapes import llama_shapes as _llama_shapes  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
 
@@ -107,24 +110,7 @@ print(json.dumps(out))
 
 # -- the synthetic folder ---------------------------------------------------------------------
 def llama_shapes(layers: int, tied: bool) -> list[tuple[str, tuple[int, ...]]]:
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "self_attn.k_proj.weight", (KV, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (KV, HIDDEN)),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
-            (p + "input_layernorm.weight", (HIDDEN,)),
-            (p + "post_attention_layernorm.weight", (HIDDEN,)),
-        ]
-    out.append(("model.norm.weight", (HIDDEN,)))
-    if not tied:
-        out.append(("lm_head.weight", (VOCAB, HIDDEN)))
-    return out
+    return _llama_shapes(layers, hidden=HIDDEN, inter=INTER, kv=KV, vocab=VOCAB, tied=tied)
 
 
 def make_source(folder: Path, size_gb: float, tied: bool, shard_bytes: int = 1 << 30, seed: int = 0) -> int:

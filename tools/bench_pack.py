@@ -30,6 +30,9 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_shapes import llama_shapes as _llama_shapes  # noqa: E402
+
 HIDDEN, INTER, KV, VOCAB = 2048, 5632, 256, 32000
 
 RUNNER = textwrap.dedent(
@@ -71,22 +74,7 @@ RUNNER = textwrap.dedent(
 
 
 def llama_shapes(layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "self_attn.k_proj.weight", (KV, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (KV, HIDDEN)),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
-            (p + "input_layernorm.weight", (HIDDEN,)),
-            (p + "post_attention_layernorm.weight", (HIDDEN,)),
-        ]
-    out += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
-    return out
+    return _llama_shapes(layers, hidden=HIDDEN, inter=INTER, kv=KV, vocab=VOCAB)
 
 
 def build_folder(folder: Path, size_gb: float, shard: str) -> tuple[int, int]:

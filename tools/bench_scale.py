@@ -37,6 +37,9 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llama_shapes import llama_shapes as _llama_shapes  # noqa: E402
+
 import numpy as np
 
 LAYERS, HIDDEN, INTER, VOCAB, HEADS, KV_HEADS = 32, 4096, 14336, 128256, 32, 8
@@ -74,23 +77,7 @@ CONFIG = {
 
 def tensor_shapes(layers: int = LAYERS) -> list[tuple[str, tuple[int, ...]]]:
     """Names and shapes in Llama's checkpoint order."""
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (VOCAB, HIDDEN))]
-    kv = KV_HEADS * HEAD_DIM
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "input_layernorm.weight", (HIDDEN,)),
-            (p + "self_attn.q_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "self_attn.k_proj.weight", (kv, HIDDEN)),
-            (p + "self_attn.v_proj.weight", (kv, HIDDEN)),
-            (p + "self_attn.o_proj.weight", (HIDDEN, HIDDEN)),
-            (p + "post_attention_layernorm.weight", (HIDDEN,)),
-            (p + "mlp.gate_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.up_proj.weight", (INTER, HIDDEN)),
-            (p + "mlp.down_proj.weight", (HIDDEN, INTER)),
-        ]
-    out += [("model.norm.weight", (HIDDEN,)), ("lm_head.weight", (VOCAB, HIDDEN))]
-    return out
+    return _llama_shapes(layers, hidden=HIDDEN, inter=INTER, kv=KV_HEADS * HEAD_DIM, vocab=VOCAB, norms_first=True)
 
 
 def _values(name: str, shape: tuple[int, ...], index: int, rows: slice, out: np.ndarray) -> None:
