@@ -279,3 +279,20 @@ def write_tiny_llama(folder: Path, *, hidden: int = 16, intermediate: int = 32, 
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
     return folder
+
+
+def reference_decoder() -> Any:
+    """The reference decoder, `spec/reference/wclust_ref.py`, loaded once as module ``wclust_ref``
+    (it is a file beside the spec, not part of the package)."""
+    import importlib.util
+    import sys
+
+    if "wclust_ref" in sys.modules:
+        return sys.modules["wclust_ref"]
+    path = Path(__file__).resolve().parent.parent / "spec" / "reference" / "wclust_ref.py"
+    spec = importlib.util.spec_from_file_location("wclust_ref", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["wclust_ref"] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod

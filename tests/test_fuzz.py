@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import importlib.util
 import json
 import os
 import struct
-import sys
 import tempfile
 import zlib
 from datetime import timedelta
@@ -36,6 +34,7 @@ import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from common import reference_decoder
 import wcfmt
 from wcfmt.inspect import verify
 
@@ -56,18 +55,7 @@ PROFILE = "wcfmt-fuzz-long" if os.environ.get("WCFMT_FUZZ") == "long" else "wcfm
 FUZZ_SETTINGS = settings.get_profile(PROFILE)
 
 
-def _load_ref():  # type: ignore[no-untyped-def]
-    if "wclust_ref" in sys.modules:
-        return sys.modules["wclust_ref"]
-    spec = importlib.util.spec_from_file_location("wclust_ref", ROOT / "spec" / "reference" / "wclust_ref.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["wclust_ref"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_ref()
+ref = reference_decoder()
 SEEDS = {p.name: p.read_bytes() for p in sorted(VALID.glob("*.wclust"))}
 PRE = struct.Struct("<8sHHIQQI28s")
 

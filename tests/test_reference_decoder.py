@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,7 +23,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common import hypothesis_settings, random_clustered, special_values
+from common import reference_decoder, hypothesis_settings, random_clustered, special_values
 import wcfmt
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,18 +32,7 @@ VECTORS = ROOT / "spec" / "vectors"
 MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
 
 
-def _load_ref():  # type: ignore[no-untyped-def]
-    if "wclust_ref" in sys.modules:
-        return sys.modules["wclust_ref"]
-    spec = importlib.util.spec_from_file_location("wclust_ref", REF_PATH)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["wclust_ref"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_ref()
+ref = reference_decoder()
 
 
 def ref_outcome(path: Path, max_bytes: int | None = None) -> tuple[str, Any]:

@@ -3,29 +3,17 @@ from the numbers in the spec's text (mutation audit 0.2: R2, R5)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from common import reference_decoder
 from zstd_frames import MIB, frame, window_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_ref():  # type: ignore[no-untyped-def]
-    if "wclust_ref" in sys.modules:
-        return sys.modules["wclust_ref"]
-    spec = importlib.util.spec_from_file_location("wclust_ref", ROOT / "spec" / "reference" / "wclust_ref.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["wclust_ref"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-ref = _load_ref()
+ref = reference_decoder()
 
 
 @pytest.mark.parametrize("descriptor", [0x87, 0x88])
