@@ -42,6 +42,10 @@ class Calibration:
     tokens: int | None = None
     auto: bool = False
     skipped: str | None = None
+    #: `wcfmt.cluster.layerwise.LAYERWISE` when the automatic choice was made for one block's
+    #: memory and the whole model would not fit (then only the block-by-block pass may run);
+    #: None: the collection functions choose.
+    path: str | None = None
 
     @property
     def runs(self) -> bool:
@@ -61,10 +65,10 @@ def choose(source: Source, options: PackOptions) -> Calibration:
     if calib is None:
         if options.k_mode:
             return Calibration(None)
-        reason = auto_calibration_blocker(source.path)
+        reason, path = _auto_choice(source.path)
         if reason is not None:
             return Calibration(None, skipped=reason)
-        return Calibration(RANDOM_CALIB, auto=True)
+        return Calibration(RANDOM_CALIB, auto=True, path=path)
     if calib == RANDOM_CALIB:
         return Calibration(RANDOM_CALIB)
     tokens = options.calib_tokens if options.calib_tokens is not None else DEFAULT_CALIB_TOKENS
@@ -79,42 +83,46 @@ def choose(source: Source, options: PackOptions) -> Calibration:
 
 def auto_calibration_blocker(src: Path) -> str | None:
     """Why ``calib="random"`` cannot run on ``src`` unasked, or None when it can."""
+    return _auto_choice(src)[0]
+
+
+def _auto_choice(src: Path) -> tuple[str | None, str | None]:
+    """``(why calib="random" cannot run unasked or None, the path it must take or None)``: the
+    path is `LAYERWISE` when only one block at a time fits in half the available memory."""
     config_file = src / "config.json"
     if not src.is_dir() or not config_file.is_file():
-        return "not a Hugging Face model folder"
+        return "not a Hugging Face model folder", None
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
-        return f"config.json is unreadable ({e})"
+        return f"config.json is unreadable ({e})", None
     archs = config.get("architectures") if isinstance(config, dict) else None
     if not isinstance(archs, list) or not any(isinstance(a, str) and a.endswith(_CAUSAL_LM_SUFFIXES) for a in archs):
-        return "not a causal LM (config.json architectures: " + ", ".join(map(str, archs or ["none"])) + ")"
+        return "not a causal LM (config.json architectures: " + ", ".join(map(str, archs or ["none"])) + ")", None
     if config.get("auto_map"):
-        return "the model needs its own code (auto_map)"
+        return "the model needs its own code (auto_map)", None
     if importlib.util.find_spec("transformers") is None:
-        return "transformers is not installed (pip install transformers)"
+        return "transformers is not installed (pip install transformers)", None
     have = available_memory()
-    if have is not None:
-        need, how = _random_need(src)
-        if need > have // 2:
-            return f"calibration needs {need / 2**30:.1f} GiB ({how}); {have / 2**30:.1f} GiB of memory is available"
-    return None
-
-
-def _random_need(src: Path) -> tuple[int, str]:
-    """Bytes ``calib="random"`` needs on ``src`` and how it runs: one decoder block at a time
-    where the checkpoint's names show a stack of blocks, else the whole model
-    (`wcfmt.cluster.layerwise.calibration_need`, from config.json and the headers alone)."""
+    if have is None:
+        return None, None
     from ..cluster.calibrate import RANDOM_SEQUENCES, RANDOM_TOKENS
-    from ..cluster.layerwise import calibration_need
+    from ..cluster.layerwise import LAYERWISE, calibration_need
 
+    # From config.json and the safetensors headers alone: one decoder block at a time where the
+    # checkpoint's names show a stack of blocks, else the whole model.
     try:
         need = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS)
     except UsageError:
-        return Source(src).file_bytes, "the whole model"
-    if need.layerwise is not None and need.layerwise < need.whole_model:
-        return need.layerwise, "one block at a time"
-    return need.whole_model, "the whole model"
+        whole, block = Source(src).file_bytes, None
+    else:
+        whole, block = need.whole_model, need.layerwise
+    if whole <= have // 2:
+        return None, None
+    if block is not None and block < whole and block <= have // 2:
+        return None, LAYERWISE
+    need_bytes, how = (block, "one block at a time") if block is not None and block < whole else (whole, "the whole model")
+    return f"calibration needs {need_bytes / 2**30:.1f} GiB ({how}); {have / 2**30:.1f} GiB of memory is available", None
 
 
 def available_memory() -> int | None:
@@ -143,18 +151,9 @@ def collect(plan: Plan, source: Source, calibration: Calibration, progress: bool
     wanted = plan.clustered_projections(source.files)
     refit = "+refit" if CALIB_REFIT else ""
     if what == RANDOM_CALIB:
-        # The pass runs block by block where the model allows it; where it does not, the whole
-        # model runs only if it fits (an automatic choice made for a block's memory must not load
-        # the whole model: it is then skipped, and says why).
-        path = None
-        have = available_memory()
-        if calibration.auto and have is not None:
-            from ..cluster.calibrate import RANDOM_SEQUENCES, RANDOM_TOKENS
-            from ..cluster.layerwise import LAYERWISE, calibration_need
-
-            if calibration_need(folder, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).whole_model > have // 2:
-                path = LAYERWISE
-        stats = collect_random_statistics(folder, names=wanted, progress=progress, path=path)
+        # The pass runs block by block where the model allows it; an automatic choice made for a
+        # block's memory (`Calibration.path`) must not fall back to loading the whole model.
+        stats = collect_random_statistics(folder, names=wanted, progress=progress, path=calibration.path)
         plan.hessians, (rows, row) = stats.moments, stats.windows
         if not plan.hessians:  # e.g. GPT-2's Conv1D projections: no nn.Linear to hook
             return {"calib": "none", "calib_skipped": "no clustered projection is an nn.Linear to weigh"}
