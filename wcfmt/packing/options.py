@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ..cluster.policy import _check_bits, _check_k, _compile
 from ..errors import UsageError
 
 __all__ = [
@@ -200,9 +200,7 @@ class PackOptions(BaseModel):
     @field_validator("bits", "bits_embed", mode="before")
     @classmethod
     def _bits(cls, v: Any, info: Any) -> Any:
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 16):
-            raise UsageError(f"{info.field_name} must be a number of bits per weight in (0, 16], got {v!r}")
-        return v
+        return v if v is None else _check_bits(v, info.field_name)
 
     @field_validator("k", "chunk_rows", "threads", "calib_tokens", "level", mode="before")
     @classmethod
@@ -234,8 +232,7 @@ class PackOptions(BaseModel):
         if isinstance(v, str):  # list("proj") would silently become four one-letter regexes
             raise UsageError(f"{info.field_name} must be a list of regexes, not one string ({v!r})")
         v = list(v)
-        for p in v:
-            _compile(p, info.field_name)
+        _compile(v, info.field_name)
         return v
 
     @field_validator("k_overrides", "bits_overrides", mode="before")
@@ -245,13 +242,10 @@ class PackOptions(BaseModel):
             return v
         if not isinstance(v, Mapping):
             raise UsageError(f"{info.field_name} must be a dict of regex -> value, got {v!r}")
+        _compile(list(v), info.field_name)
+        check = _check_k if info.field_name == "k_overrides" else _check_bits
         for p, x in v.items():
-            _compile(p, info.field_name)
-            if info.field_name == "k_overrides":
-                if isinstance(x, bool) or not isinstance(x, int) or not 1 <= x <= 256:
-                    raise UsageError(f"k_overrides[{p!r}] must be an integer in 1..256, got {x!r}")
-            elif isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 16:
-                raise UsageError(f"bits_overrides[{p!r}] must be a number of bits per weight in (0, 16], got {x!r}")
+            check(x, f"{info.field_name}[{p!r}]")
         return dict(v)
 
     @field_validator("calib", mode="before")
@@ -386,15 +380,6 @@ def _legacy_options(settings: Any) -> dict[str, Any]:
         if "calib_tokens" in extra:
             out["calib_tokens"] = int(extra["calib_tokens"])
     return out
-
-
-def _compile(pattern: Any, what: str) -> re.Pattern[str]:
-    if not isinstance(pattern, str):
-        raise UsageError(f"{what}: a regex must be a string, got {pattern!r}")
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise UsageError(f"{what}: invalid regex {pattern!r}: {e}") from None
 
 
 def _usage_error(e: ValidationError) -> UsageError:
