@@ -119,17 +119,22 @@ class ClusteredTensor:
             quality=self.quality,
         )
 
-    def decode(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
-        """Rebuild the dense weight in its original dtype (bit-exact, spec §5.5), then cast/move."""
+    def chunk_values(self, i: int) -> np.ndarray:
+        """Row chunk ``i`` rebuilt (spec §5.5), flat, in the storage form of the tensor's dtype
+        (numpy; BF16 as uint16): one chunk's memory, not the matrix's."""
         from .rebuild.reference import centroids_as
 
+        (a, b), row_size = self.row_ranges()[i], rows_and_row_size(tuple(self.shape))[1]
+        labels = to_numpy(self.labels).reshape(-1)[a * row_size : b * row_size]
+        return np.take(centroids_as(to_numpy(self.centroids[i]), name_of(self.dtype)), labels)
+
+    def decode(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """Rebuild the dense weight in its original dtype (bit-exact, spec §5.5), then cast/move."""
         name = name_of(self.dtype)
         rows, row_size = rows_and_row_size(tuple(self.shape))
         out = np.empty(rows * row_size, dtype=to_numpy(torch.empty(0, dtype=self.dtype)).dtype)
-        labels = to_numpy(self.labels).reshape(-1)
-        for table, (a, b) in zip(self.centroids, self.row_ranges()):
-            lut = centroids_as(to_numpy(table), name)
-            out[a * row_size : b * row_size] = np.take(lut, labels[a * row_size : b * row_size])
+        for i, (a, b) in enumerate(self.row_ranges()):
+            out[a * row_size : b * row_size] = self.chunk_values(i)
         dense = from_numpy(out, name).reshape(self.shape)
         if dtype is not None and dtype != self.dtype:
             dense = dense.to(dtype)

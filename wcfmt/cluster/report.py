@@ -96,19 +96,17 @@ def quality(original: torch.Tensor, clustered: ClusteredTensor) -> dict[str, flo
     """
     if tuple(original.shape) != tuple(clustered.shape):
         raise UsageError(f"shapes differ: original {tuple(original.shape)}, clustered {tuple(clustered.shape)}")
-    from ..rebuild.reference import centroids_as
-
-    # Chunk by chunk, as `ClusteredTensor.decode` rebuilds it: memory is a chunk's float64
-    # copies, not the whole matrix's (an 8B model's embedding: 4 GB each).
+    # Chunk by chunk (`ClusteredTensor.chunk_values`): memory is a chunk's float64 copies, not
+    # the whole matrix's (an 8B model's embedding: 4 GB each).
     flat = original.detach().cpu().reshape(-1)
     name = name_of(clustered.dtype)
     labels = to_numpy(clustered.labels).reshape(-1)
     _, row_size = rows_and_row_size(tuple(clustered.shape))
     stats = []
-    for table, (a, b) in zip(clustered.centroids, clustered.row_ranges()):
+    for i, (table, (a, b)) in enumerate(zip(clustered.centroids, clustered.row_ranges())):
         s = slice(a * row_size, b * row_size)
         w = flat[s].to(torch.float64).numpy()
-        w_hat = from_numpy(np.take(centroids_as(to_numpy(table), name), labels[s]), name).to(torch.float64).numpy()
+        w_hat = from_numpy(clustered.chunk_values(i), name).to(torch.float64).numpy()
         stats.append(
             ChunkStats(
                 n=s.stop - s.start,
