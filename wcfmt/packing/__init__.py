@@ -104,7 +104,8 @@ def pack(src: str | Path, dst: str | Path, options: PackOptions | None = None, *
         stages["encode+write"] = time.perf_counter() - t1
     report.stages, report.capped = stages, dict(plan.capped)
     report.seconds = time.perf_counter() - t0
-    _warn_capped(report, plan)
+    for why in report.capped.values():
+        warnings.warn(f"{report.dst}: {why}", stacklevel=2)
     _warn_degenerate(report)
     if opts.push_to_hub:
         from ..io.hub import push_to_hub
@@ -138,11 +139,6 @@ def _card(opts: PackOptions, source: Any, dst: Path) -> Any:
     return CardOptions(base_model=opts.base_model or source.hub_id, quality_note=opts.quality_note,
                        remote_code=opts.remote_code,
                        repo_id=opts.push_to_hub or dst.name)  # the card names the final folder, not the temporary one
-
-
-def _warn_capped(report: PackReport, plan: Any) -> None:
-    for group, why in plan.capped.items():
-        warnings.warn(f"{report.dst}: {why}", stacklevel=3)
 
 
 def _warn_degenerate(report: PackReport) -> None:
