@@ -98,3 +98,37 @@ def test_full_bytes_have_no_padding() -> None:
     packed = np.array([0xFF, 0xFF], np.uint8)
     assert max_label(packed, 1, 16) == 1
     assert max_label(packed, 4, 4) == 15
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_plain_integer_labels_and_planes_are_taken_as_bytes(bits: int) -> None:
+    """Labels given as Python ints or int64 (what a caller's argmin returns) pack to the same uint8
+    plane as uint8 labels, and planes given as a list of ints or int64 unpack the same; the hand
+    layout of `test_bit_layout` for four 4-bit labels is 0x21, 0x43."""
+    top = (1 << bits) - 1
+    labels = [i % (top + 1) for i in range(11)]
+    want = pack_labels(np.array(labels, np.uint8), bits)
+    for given_labels in (labels, np.array(labels, np.int64)):
+        got = pack_labels(given_labels, bits)
+        assert got.dtype == np.uint8 and got.tolist() == want.tolist()
+    for plane in (want.tolist(), want.astype(np.int64)):
+        out = unpack_labels(plane, bits, 11)
+        assert out.dtype == np.uint8 and out.tolist() == labels
+    assert pack_labels([1, 2, 3, 4], 4).tolist() == [0x21, 0x43]
+
+
+def test_empty_planes_are_uint8() -> None:
+    """Zero-bit labels pack to an empty *byte* plane (a float64 empty array would write nothing but
+    break a caller that concatenates planes or views them as bytes)."""
+    assert pack_labels(np.zeros(3, np.uint8), 0).dtype == np.uint8
+    assert pack_labels([], 0).dtype == np.uint8
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_two_dimensional_planes_are_read_flat(bits: int) -> None:
+    """A plane handed over as rows of bytes (a 2-D view of the blob) reads as the flat plane."""
+    labels = np.arange(16, dtype=np.uint8) % (1 << bits)
+    plane = pack_labels(labels, bits)
+    rows = plane.reshape(2, -1)
+    assert unpack_labels(rows, bits, 16).tolist() == labels.tolist()
+    assert max_label(rows, bits, 16) == int(labels.max())
