@@ -17,6 +17,7 @@ from wcfmt.schema import (
     Header,
     chunk_row_ranges,
     json_schema,
+    serialize_header,
     parse_header,
     rows_and_row_size,
 )
@@ -472,3 +473,146 @@ def test_unknown_encoding_entry_keeps_its_other_rules(path: str, value: Any, mat
     assert _parse(h, lenient=True).unsupported == {"w": "encoding 'brotli'", "tied": "encoding 'brotli'"}
     with pytest.raises(ValueError, match=match):
         _parse(_set(h, path, value), lenient=True)
+
+
+# -- survivors of `python tools/mutation.py wcfmt/schema.py` (tools/NOTES-mutation.md) ------------
+def test_strict_is_the_default() -> None:
+    """A header of the reader's own minor: an unknown field is an error unless lenient is asked."""
+    h = _good()
+    h["new_top"] = 1
+    with pytest.raises(ValueError, match="new_top"):
+        parse_header(json.dumps(h).encode())
+
+
+def test_serialized_header_bytes_by_hand() -> None:
+    """Compact JSON (no spaces), UTF-8 text not \\u escapes, fields in model order, None left out:
+    the bytes written by hand from spec §3.3."""
+    h = Header.model_validate(_header(w=_clustered([1, 2], 1, [2])) | {"producer": "wcfmt é"})
+    want = (
+        '{"producer":"wcfmt é","metadata":{"a":"b"},"tensors":{"w":{"dtype":"BF16","shape":[1,2],'
+        '"codec":"clustered","chunk_rows":1,"chunks":[{"k":2,"label_bits":1,'
+        '"centroids":{"offset":64,"length":4,"encoding":"raw","crc32":0},'
+        '"labels":{"offset":128,"length":0,"encoding":"raw","crc32":0}}]}}}'
+    ).encode("utf-8")
+    assert serialize_header(h) == want
+
+
+@pytest.mark.parametrize("raw", [b"[]", b'{"producer": "x", "tensors": 5}', b'{"producer": "x", "tensors": {"a": 5}}'])
+def test_lenient_parse_of_non_objects_is_a_header_error(raw: bytes) -> None:
+    """A header, tensors map or entry that is not an object is a ValueError in lenient mode too
+    (not a TypeError or AttributeError from walking it)."""
+    with pytest.raises(ValueError):
+        parse_header(raw, lenient=True)
+
+
+def test_settings_integers_beyond_binary64_are_rejected() -> None:
+    """§3.4: every number finite in binary64. 10^308 (309 digits) is; 10^309 (310 digits) and
+    2·10^308 are not, whatever field holds them."""
+    for big, ok in ((10**308, True), (10**309, False), (2 * 10**308, False)):
+        h = _good()
+        h["settings"] = {"k": big}
+        if ok:
+            assert _parse(h).settings.k == big
+        else:
+            with pytest.raises(ValueError, match="settings"):
+                _parse(h)
+
+
+def test_validation_messages_list_five_errors_then_a_count() -> None:
+    """Pydantic errors are named field by field: the first five, "; "-separated, then how many
+    more; one error is one "field PATH: message" with nothing after it."""
+    h = _good()
+    for i in range(7):
+        h["tensors"][f"x{i}"] = {"dtype": "BF16", "shape": [2], "codec": "alias", "target": 5}
+    with pytest.raises(ValueError) as e:
+        _parse(h)
+    msg = str(e.value)
+    assert msg.count("field tensors.") == 5 and msg.endswith("; and 2 more")
+    assert len(msg.split("; ")) == 6
+    with pytest.raises(ValueError) as e:
+        _parse(_mutated("tensors.w.chunks.0.k", "3"))
+    assert str(e.value).startswith("field tensors.w.") and "more" not in str(e.value)
+    assert str(e.value).endswith(e.value.args[0].rpartition(": ")[2]) and "XX" not in str(e.value)
+    with pytest.raises(ValueError, match="^field <root>: "):
+        parse_header(b"[]")
+
+
+def _future(**tensors: dict[str, Any]) -> dict[str, Any]:
+    """`_good()` plus tensors that need a value 1.0 lacks (a newer minor's file, parsed leniently)."""
+    h = _good()
+    h["tensors"].update(tensors)
+    return h
+
+
+def test_unsupported_entries_keep_every_blob_and_name_it() -> None:
+    """Two tensors of an unknown encoding: both tensors' blobs are kept for the range checks,
+    each described by its tensor, chunk and field."""
+    a = _clustered([2, 2], 2, [2])
+    a["chunks"][0]["labels"]["encoding"] = "brotli"
+    b = _lossless([1, 2], 1, 1, dtype="I16")
+    b["chunks"][0]["planes"][1]["encoding"] = "lz4"
+    got = _parse(_future(a=a, b2=b), lenient=True)
+    assert got.unsupported == {"a": "encoding 'brotli'", "b2": "encoding 'lz4'"}
+    names = sorted(what for _, _, what in got.unsupported_blobs)
+    assert names == ["tensor 'a' chunk 0 centroids", "tensor 'a' chunk 0 labels",
+                     "tensor 'b2' chunk 0 plane 0", "tensor 'b2' chunk 0 plane 1"]
+
+
+@pytest.mark.parametrize(
+    ("entry", "match"),
+    [
+        # the fields of the entry's own codec are required even when its dtype is unknown
+        ({"dtype": "X9", "shape": [2], "codec": "clustered", "chunks": []}, r"tensor 'n': missing field\(s\) \['chunk_rows'\]"),
+        ({"dtype": "X9", "shape": [2], "codec": "alias"}, r"tensor 'n': missing field\(s\) \['target'\]"),
+        # §4.2: 2^63 bytes or more, with a known element size (an unknown codec's entry)
+        ({"dtype": "F32", "shape": [2**30, 2**31], "codec": "vq"}, "2\\^63"),  # exactly 2^63
+        ({"dtype": "F32", "shape": [2**31, 2**31], "codec": "vq"}, "2\\^63"),
+        # alias rules on an alias that needs an unknown value
+        ({"dtype": "X9", "shape": [2], "codec": "alias", "target": "nowhere"}, "tensor 'n': alias target 'nowhere'"),
+        ({"dtype": "X9", "shape": [2], "codec": "alias", "target": ["w"]}, "tensor 'n': alias target"),
+        ({"dtype": "BF16", "shape": [5, 4], "codec": "alias", "target": "tied"}, "alias"),
+        # §3.4 value rules on the known fields of a known codec's entry (a quality key here)
+        ({"dtype": "X9", "shape": [0], "codec": "clustered", "chunk_rows": 1, "chunks": [],
+          "quality": {"\ud800": 1.0}}, "surrogate"),
+        # float_planes is for float dtypes, also in an entry refused for an unknown encoding
+        ({"dtype": "I16", "shape": [1], "codec": "lossless", "transform": "float_planes", "chunk_rows": 1,
+          "chunks": [{"planes": [_blob(), _blob(encoding="lz4")]}]}, "tensor 'n': transform float_planes"),
+        # messages name the tensor, chunk and field
+        ({"dtype": "X9", "shape": [2], "codec": "clustered", "chunk_rows": 2,
+          "chunks": [{"k": 2, "label_bits": 1, "centroids": _blob(64, 4), "labels": _blob(65)}]},
+         "tensor 'n' chunk 0 labels: field offset"),
+        ({"dtype": "X9", "shape": [2], "codec": "clustered", "chunk_rows": 2,
+          "chunks": [{"k": 2, "label_bits": 2, "centroids": _blob(64, 4), "labels": _blob(128)}]},
+         "tensor 'n' chunk 0: "),
+        ({"dtype": "X9", "shape": [1], "codec": "lossless", "transform": "byte_planes", "chunk_rows": 1,
+          "chunks": [{"planes": [_blob(), _blob(crc32=-1)]}]}, "tensor 'n' chunk 0 plane 1: field crc32"),
+    ],
+)
+def test_rules_of_entries_that_need_an_unknown_value(entry: dict[str, Any], match: str) -> None:
+    """§10: an entry a newer minor's file holds, needing a value 1.0 lacks, still obeys every rule
+    that does not depend on that value, and its faults are named."""
+    if entry["codec"] == "alias" and entry.get("target") == "tied":  # an alias of an alias, of an unknown dtype
+        entry = dict(entry, dtype="BF16")
+        h = _future(q={"dtype": "BF16", "shape": [5, 4], "codec": "vq"}, n=entry)
+        h["tensors"]["tied"] = _alias("q", [5, 4], "BF16")
+    else:
+        h = _future(n=entry)
+    with pytest.raises(ValueError, match=match):
+        _parse(h, lenient=True)
+
+
+def test_lenient_drops_unknown_fields_inside_centroid_blobs() -> None:
+    h = _mutated("tensors.w.chunks.0.centroids.note", "new in 1.1")
+    with pytest.raises(ValueError, match="note"):
+        _parse(h)
+    assert _parse(h, lenient=True).tensors["w"].chunks[0].centroids.length == 2
+
+
+@pytest.mark.parametrize(("name", "match"), [("", "empty"), ("\ud800", "surrogate")])
+def test_names_of_entries_that_need_an_unknown_value_obey_the_name_rules(name: str, match: str) -> None:
+    """An entry set aside for an unknown codec is still a key of `tensors`: an empty name or one
+    holding a lone surrogate fails the whole header, as the reference decoder has it (wcfmt
+    accepted both before this test)."""
+    h = _future(**{name: {"dtype": "BF16", "shape": [2], "codec": "vq"}})
+    with pytest.raises(ValueError, match=match):
+        _parse(h, lenient=True)

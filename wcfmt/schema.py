@@ -337,6 +337,9 @@ def _check_unsupported(name: str, e: dict[str, Any], tensors: dict[str, Any]) ->
     the entry's blobs (none for an unknown codec: which of its fields are blobs is unknown).
     Raise ValueError on a fault."""
     w = f"tensor {name!r}"
+    if not name:
+        raise ValueError("tensor names must not be empty")
+    _check_scalars(name)  # a key of the known `tensors` map (spec §3.4), though the entry is set aside
     codec = e.get("codec")
     known_codec = codec in (CODEC_CLUSTERED, CODEC_LOSSLESS, "alias")
     fields = {CODEC_CLUSTERED: ("chunk_rows", "chunks"), CODEC_LOSSLESS: ("transform", "chunk_rows", "chunks"),
