@@ -42,7 +42,8 @@ string. The conditions that lead to them are mutated.
 
 ``--resume DIR`` (a ``--keep`` folder, or one module's folder in it) is how a new test is credited
 with the mutants it kills without running the whole campaign again: it copies the current tests/
-into the run, adds the files named by ``--tests`` to its test selection, resets the surviving
+into the run (and the current wcfmt/, spec/ and tools/: mutmut mutates a changed module again and
+re-runs the mutants of its changed functions), adds the files named by ``--tests`` to its test selection, resets the surviving
 mutants ("survived", "no tests") to "not checked" in mutmut's records, deletes mutmut's
 test-to-function stats so that they are recorded again with the new tests, and runs ``mutmut run``
 there: only the reset mutants run, each forked from a process that has imported everything once,
@@ -275,6 +276,9 @@ def resume(work: Path, tests: list[str] | None) -> None:
         for d in (work / "tests", work / "mutants" / "tests"):
             if f.name != "conftest.py":  # the run's own (see prepare)
                 shutil.copy2(f, d / f.name)
+    for d in ("wcfmt", "spec", "tools"):  # the code as it is now: mutmut re-mutates a changed module
+        # (its mtime is newer than the mutated copy) and re-runs the mutants of the functions that changed
+        shutil.copytree(ROOT / d, work / d, ignore=IGNORED, symlinks=True, dirs_exist_ok=True)
     if tests:
         old = _selection(work)
         sel = old + [t for t in tests if t not in old]
