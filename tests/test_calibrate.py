@@ -452,3 +452,441 @@ def test_collect_random_diagonals_is_the_diagonal_on_random_tokens(tiny_llama) -
         h = model(input_ids=ids, output_hidden_states=True).hidden_states[1]
         x = model.model.layers[1].input_layernorm(h).reshape(-1, h.shape[-1]).double()
     assert np.allclose(d["model.layers.1.self_attn.q_proj.weight"], (x * x).mean(0).numpy(), rtol=1e-5, atol=1e-9)
+
+
+# -- mutation-guided checks (tools/mutation.py on calibrate.py): limits, defaults, by-hand moments --
+def test_inverse_cholesky_dead_columns_integer_h_and_damp() -> None:
+    """Dead columns (H_jj = 0) are left out of the scale and get a unit diagonal; H may be integer;
+    ``damp`` must be > 0. Expectations: the docstring's formula with numpy's inverse."""
+    import warnings
+
+    rng = np.random.default_rng(20)
+    x = correlated_inputs(rng, 60, 6)
+    x[:, 2] = 0.0  # an input that never fires
+    h = x.T @ x
+    hs = h / np.mean(np.diag(h)[[0, 1, 3, 4, 5]])
+    hs[2, 2] = 1.0
+    u = inverse_cholesky(h, 0.05)
+    assert np.allclose(u, np.triu(u)) and np.allclose(u.T @ u, np.linalg.inv(hs + 0.05 * np.eye(6)), rtol=1e-9, atol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "mean of empty slice" on the way
+        assert np.allclose(inverse_cholesky(np.zeros((3, 3)), 0.5), np.eye(3) / np.sqrt(1.5))
+        assert np.allclose(column_weights(np.zeros(3)), 1.0)  # 1 + damp, rounded to 1
+    ui = inverse_cholesky(np.array([[2, 1], [1, 2]]), 0.01)  # integers: scale 2 → [[1, .5], [.5, 1]]
+    assert np.allclose(ui.T @ ui, np.linalg.inv(np.array([[1.01, 0.5], [0.5, 1.01]])))
+    for bad in (0, -1.0, "0.1"):
+        with pytest.raises(UsageError, match="damp"):
+            inverse_cholesky(np.eye(2), bad)  # type: ignore[arg-type]
+        with pytest.raises(UsageError, match="damp"):
+            column_weights(np.ones(2), bad)  # type: ignore[arg-type]
+
+
+def test_column_weights_without_dead_columns_are_relative_to_the_mean() -> None:
+    # d = (2, 6): mean 4 → 0.5 and 1.5, + 1% → 0.51 → 2^(-4/4) = 0.5 and 1.51 → 2^(2/4) = √2
+    assert column_weights(np.array([2.0, 6.0])).tolist() == pytest.approx([0.5, 2 ** 0.5], rel=1e-12)
+
+
+def test_grid_lam_and_code_bits_limits() -> None:
+    w = np.array([[0.1, 0.7, -3.0]])
+    one = np.array([0.5])
+    assert gptq_labels(w, np.eye(3), one).tolist() == [[0, 0, 0]]  # a grid of one value
+    assert gptq_labels(w, np.eye(3), one, lam=1.0, code_bits=np.array([2.0])).tolist() == [[0, 0, 0]]
+    assert gptq_labels(w, np.ones(3), one, lam=1.0, code_bits=np.array([2.0])).tolist() == [[0, 0, 0]]
+    g256 = np.linspace(-1.0, 1.0, 256)
+    assert np.array_equal(gptq_labels(w, np.eye(3), g256), nearest(w, g256))  # 256 values: allowed
+    assert np.array_equal(gptq_labels(w, np.eye(3), g256.reshape(16, 16)), nearest(w, g256))  # any shape, flattened
+    g8 = np.array([0, 200, 250], dtype=np.uint8)  # integer grids: midpoints 100 and 225, not uint8 sums
+    assert gptq_labels(np.array([[99.0, 101.0, 224.0, 226.0]]), np.eye(4), g8).tolist() == [[0, 1, 1, 2]]
+    for bad in (np.linspace(0, 1, 257), np.array([]), np.array([0.0, np.nan, 1.0]), np.array([0.0, 0.0, 1.0])):
+        with pytest.raises(UsageError, match="grid"):
+            gptq_labels(w, np.eye(3), bad)
+    grid = np.array([0.0, 1.0])
+    for lam in (-1.0, np.inf, np.nan):
+        with pytest.raises(UsageError, match="lam"):
+            gptq_labels(w, np.eye(3), grid, lam=lam, code_bits=np.zeros(2))
+    for bits in (np.zeros(3), np.array([0.0, np.nan])):
+        with pytest.raises(UsageError, match="code_bits"):
+            gptq_labels(w, np.eye(3), grid, lam=1.0, code_bits=bits)
+    # code lengths as a column are flattened: w = 0.6 with bits (0.1, 5), λ = 1 → 0 (test_entropy_term_hand_worked)
+    assert gptq_labels(np.array([[0.6]]), np.eye(1), grid, lam=1.0, code_bits=np.array([[0.1], [5.0]])).tolist() == [[0]]
+    with pytest.raises(UsageError, match="4 entries but the weight has 3"):
+        gptq_labels(w, np.ones(4), grid)  # a diagonal of the wrong length
+    lab = gptq_labels(w, np.ones(3), grid)
+    assert lab.dtype == np.uint8 and lab.tolist() == nearest(w, grid).tolist()
+
+
+def test_lam_zero_is_nearest_whatever_the_code_bits() -> None:
+    """λ = 0 is no entropy term, even with code lengths at hand (they would be ∞ past the ends)."""
+    w, grid, omega, bits = _weighted_problem(5, rows=30)
+    assert np.array_equal(_diagonal(w, omega, grid, 0.0, bits), nearest(w, grid))
+    assert np.array_equal(_gptq(w, np.diag(1 / np.sqrt(omega)), grid, 0.0, bits), nearest(w, grid))
+
+
+def test_gptq_damp_is_used() -> None:
+    rng = np.random.default_rng(21)
+    w = rng.standard_normal((6, 40))
+    x = correlated_inputs(rng, 30, 40)  # fewer samples than columns: H is singular, damp matters
+    grid = np.sort(rng.uniform(-3, 3, 8))
+    want = reference_gptq(w, x.T @ x, grid, damp=0.5)
+    assert not np.array_equal(want, reference_gptq(w, x.T @ x, grid))
+    assert np.array_equal(gptq_labels(w, x.T @ x, grid, damp=0.5), want)
+    ct = ClusteredTensor(labels=torch.tensor(nearest(w, grid), dtype=torch.uint8),
+                         centroids=[torch.tensor(grid, dtype=torch.float16)], chunk_rows=6, dtype=torch.float32)
+    w32 = torch.tensor(w, dtype=torch.float32)
+    g16 = ct.centroids[0].double().numpy()
+    out = calibrate_clustered(ct, w32, x.T @ x, damp=0.5)
+    assert np.array_equal(out.labels.numpy(), reference_gptq(w32.double().numpy(), x.T @ x, g16, damp=0.5))
+
+
+def test_diagonal_choice_over_many_row_blocks() -> None:
+    """Rows are labelled in blocks of 2^16 weights (`_diagonal`) or 2^20 (`_diagonal_16bit`): rows in
+    later blocks, checked by brute force, follow the same rule as the first."""
+    from wcfmt.dtypes import to_numpy
+
+    w, grid, omega, bits = _weighted_problem(6, rows=300, cols=1024)  # blocks of 64 rows
+    got = _diagonal(w, omega, grid, 3e-4, bits)
+    rows = [0, 63, 64, 200, 299]  # (their first 256 columns, which keeps the brute force short)
+    assert np.array_equal(got[rows, :256], windowed_choice(w[rows, :256], omega[:256], grid, 3e-4, bits))
+    w2, grid2, omega2, bits2 = _weighted_problem(7, rows=300, cols=8192)  # blocks of 128 rows
+    t = torch.tensor(w2, dtype=torch.bfloat16)
+    got2 = _diagonal_16bit(to_numpy(t).view(np.uint16), "BF16", omega2, grid2, 3e-4, bits2)
+    rows = [0, 255, 256, 299]
+    want = windowed_choice(t.double().numpy()[rows, :256], omega2[:256], grid2, 3e-4, bits2)
+    assert np.array_equal(got2[rows, :256], want)
+
+
+def test_counts_over_several_blocks() -> None:
+    from wcfmt.cluster.calibrate import _counts
+
+    v = (np.arange(5_000_003) % 3).astype(np.uint8)  # more than one block of 2^22
+    assert _counts(v, 4).tolist() == [1_666_668, 1_666_668, 1_666_667, 0]
+
+
+def _hand_clustered(w: np.ndarray, grids: list[np.ndarray], chunk_rows: int) -> ClusteredTensor:
+    """A float32 ClusteredTensor with the given fp16 tables (one per chunk), nearest labels."""
+    tables = [torch.tensor(g, dtype=torch.float16) for g in grids]
+    labels = np.concatenate([nearest(w[a : a + chunk_rows], t.double().numpy())
+                             for a, t in zip(range(0, len(w), chunk_rows), tables)])
+    return ClusteredTensor(labels=torch.tensor(labels, dtype=torch.uint8), centroids=tables, chunk_rows=chunk_rows,
+                           dtype=torch.float32)
+
+
+def _weighted_cell_means(w: np.ndarray, lab: np.ndarray, d: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Per weight, the fp16 value of its cell's mean weighted by its column's d (a cell of no weight:
+    its grid value), as float64: what a refit table rebuilds a float32 weight to."""
+    wt = np.broadcast_to(d, w.shape)
+    mass = np.bincount(lab.ravel(), weights=wt.ravel(), minlength=grid.size)
+    sums = np.bincount(lab.ravel(), weights=(wt * w).ravel(), minlength=grid.size)
+    means = np.array([sums[k] / mass[k] if mass[k] > 0 else grid[k] for k in range(grid.size)])
+    return means.astype(np.float16).astype(np.float64)[lab]
+
+
+def test_refit_hand_worked() -> None:
+    """Refit on a diagonal H: cells of the nearest labels, means weighted by d; a cell whose weights
+    all sit in a dead column keeps its grid value; an unused cell is dropped."""
+    w = np.array([[2.0, 0.1, 0.9, 1.2],
+                  [-7.0, 0.3, 0.8, 0.2],
+                  [0.5, -0.1, 1.1, 0.0]])
+    grid = np.array([0.0, 1.0, 2.0, 4.0])  # cell 3 unused
+    ct = _hand_clustered(w, [grid], 3)
+    d = np.array([0.0, 0.2, 0.5, 0.3])  # small weights (< 1), column 0 dead
+    out = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), d, refit=True)
+    # cell 0: 0.1·.2 + 0.3·.2 + 0.2·.3 - 0.1·.2 + 0·.3 (and -7, 0.5 in the dead column) → 0.12 / 1.2 = 0.1
+    # cell 1: (0.9 + 0.8 + 1.1)·.5 + 1.2·.3 → 1.76 / 1.8; cell 2: only 2.0 in the dead column → 2.0
+    assert out.dtype == torch.float32 and out.shape == ct.shape
+    assert out.centroids[0].tolist() == [np.float16(0.1), np.float16(1.76 / 1.8), 2.0]
+    assert np.array_equal(out.decode().double().numpy(), _weighted_cell_means(w, nearest(w, grid), d, grid))
+    # no column weighs anything: plain cell means (cell 0: six weights, -7 among them)
+    flat = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), np.zeros(4), refit=True)
+    assert np.array_equal(flat.decode().double().numpy(), _weighted_cell_means(w, nearest(w, grid), np.ones(4), grid))
+
+
+def test_refit_over_groups_and_row_blocks() -> None:
+    """Two tables (two groups), each refitted over several row blocks (2^20 weights / 16384 columns
+    = 64 rows): every weight decodes to its own group's weighted cell mean."""
+    rng = np.random.default_rng(22)
+    w = rng.standard_normal((200, 16384)).astype(np.float32).astype(np.float64)
+    d = rng.lognormal(0.0, 1.0, 16384)
+    grids = [np.array([-1.5, -0.5, 0.5, 1.5, 3.0]), np.array([-1.0, 0.0, 1.0])]
+    ct = _hand_clustered(w, grids, 100)
+    out = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), d, refit=True)
+    got = out.decode().double().numpy()
+    for i, g in enumerate(ct.centroids):
+        g64 = g.double().numpy()
+        part = w[100 * i : 100 * (i + 1)]
+        assert np.array_equal(got[100 * i : 100 * (i + 1)], _weighted_cell_means(part, nearest(part, g64), d, g64)), i
+
+
+def test_entropy_code_lengths_count_a_lone_label_once() -> None:
+    """λ > 0: code lengths from the old labels, −log2(max(count, 1)/n). Old labels 0×6, 1×1, 2×1 of
+    n = 8: 0.415, 3 and 3 bits; ω = 1 (d = 1, + 1%, rounded). w = 0.9 at λ = 0.4: label 1 costs
+    0.01 + 1.2 = 1.21, label 0 costs 0.81 + 0.166 = 0.976 → 0 (were a lone label 2 bits, 1 would win)."""
+    w = np.array([[0.9, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0, 1.0]])
+    grid = np.array([0.0, 1.0, 2.0])
+    ct = _hand_clustered(w, [grid], 1)
+    assert ct.labels.tolist() == [[1, 0, 0, 0, 0, 0, 2, 1]]
+    ct = ClusteredTensor(labels=torch.tensor([[0, 0, 0, 0, 0, 0, 2, 1]], dtype=torch.uint8), centroids=ct.centroids,
+                         chunk_rows=1, dtype=torch.float32)
+    out = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), np.ones(8), lam=0.4)
+    bits = -np.log2(np.array([6, 1, 1]) / 8)
+    assert out.labels.numpy().tolist() == windowed_choice(w, np.ones(8), grid, 0.4, bits).tolist()
+    assert out.labels[0, 0] == 0
+
+
+def test_calibrate_clustered_bf16_table_with_a_float32_original() -> None:
+    """A bf16 ClusteredTensor given its weight as float32: labels by nearest rounding (diagonal
+    H, λ = 0); the error names no tensor when no name is given."""
+    rng = np.random.default_rng(23)
+    w = torch.tensor(rng.standard_normal((8, 6)), dtype=torch.bfloat16)
+    ct = cluster_tensor(w, k=4)
+    out = calibrate_clustered(ct, w.float(), np.ones(6))
+    grid = ct.centroids[0].to(torch.bfloat16).double().numpy()
+    assert np.array_equal(out.labels.numpy(), nearest(w.double().numpy(), grid))
+    with pytest.raises(UsageError, match=r"^H has shape"):
+        calibrate_clustered(ct, w, np.ones(5))
+
+
+def test_random_windows_edge_cases() -> None:
+    from types import SimpleNamespace as NS
+
+    from wcfmt.cluster.calibrate import _row_length
+
+    for cfg in (NS(), NS(vocab_size=0), NS(vocab_size=2, bos_token_id=0, eos_token_id=1)):
+        with pytest.raises(UsageError, match="no ordinary tokens"):
+            random_windows(cfg, 2, 4)
+    assert random_windows(NS(vocab_size=3, bos_token_id=0, eos_token_id=1), 2, 5).tolist() == [[0, 2, 2, 2, 2]] * 2
+    assert set(random_windows(NS(vocab_size=5), 1, 400).flatten().tolist()) == {0, 1, 2, 3, 4}  # every id drawn
+    assert set(random_windows(NS(vocab_size=6, pad_token_id=[5, 4]), 2, 300).flatten().tolist()) == {0, 1, 2, 3}
+    ids = random_windows(NS(vocab_size=5, bos_token_id=0), 2, 50)
+    assert (ids[:, 0] == 0).all() and not (ids[:, 1:] == 0).any()
+    assert int(random_windows(NS(vocab_size=5, bos_token_id=5), 2, 50).max()) < 5  # a BOS past the vocabulary: not written
+    assert _row_length(NS(n_positions=2), 128) == 2
+    assert _row_length(NS(max_position_embeddings=100, n_positions=50), 128) == 50
+
+
+def test_statistics_dtype_from_the_config(tmp_path) -> None:
+    from wcfmt.cluster.calibrate import _statistics_dtype
+
+    for i, (text, want) in enumerate([('{"dtype": "bfloat16"}', torch.bfloat16), ('{"torch_dtype": "float16"}', torch.bfloat16),
+                                      ('{"dtype": "float32"}', torch.float32), ("[1, 2]", torch.float32),
+                                      ("not json", torch.float32), (None, torch.float32)]):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        if text is not None:
+            (folder / "config.json").write_text(text)
+        assert _statistics_dtype(folder) == want, text
+
+
+# -- the model-running side: _load_model, _second_moments, sample_text, the collectors' arguments --
+def _copy_model(src, dst):  # type: ignore[no-untyped-def]
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def missing_llama(tiny_llama, tmp_path_factory: pytest.TempPathFactory):
+    """tiny_llama without one of its weights."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_model(tiny_llama, tmp_path_factory.mktemp("missing") / "m")
+    state = load_file(folder / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_load_model_tokenizer_dtype_and_log_level(tiny_llama, tmp_path) -> None:
+    from pathlib import Path
+
+    from transformers.utils import logging as hf_logging
+
+    from wcfmt.cluster.calibrate import _load_model
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_info()
+    try:
+        tok, model = _load_model(Path(tiny_llama), "probe")
+        assert hf_logging.get_verbosity() == hf_logging.INFO  # the caller's level, restored
+    finally:
+        hf_logging.set_verbosity(before)
+    assert tok.encode("the king", add_special_tokens=False) == [1, 2]  # the folder's own word-level tokenizer
+    assert not model.training and model.lm_head.weight.dtype == torch.float32
+    tok, model = _load_model(Path(tiny_llama), "probe", tokenizer=False, dtype=torch.bfloat16)
+    assert tok is None and model.lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(UsageError, match="probe needs a Hugging Face model folder"):
+        _load_model(tmp_path, "probe")
+
+
+def test_load_model_refuses_missing_and_reinitialised_weights(tiny_llama, missing_llama, monkeypatch) -> None:
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    from wcfmt.cluster.calibrate import _load_model
+
+    with pytest.raises(UsageError, match=r"for probe \(missing weights: model\.layers\.1\.mlp\.down_proj\.weight\)"):
+        _load_model(Path(missing_llama), "probe")
+    real = AutoModelForCausalLM.from_pretrained
+
+    def reinitialised(*args, **kwargs):  # type: ignore[no-untyped-def]
+        # what a transformers that re-initialises a weight of the wrong shape reports (tuples or names)
+        model, info = real(*args, **kwargs)
+        return model, {**info, "mismatched_keys": [("model.norm.weight", (8,), (16,)), "lm_head.weight"]}
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", reinitialised)
+    with pytest.raises(UsageError, match=r"\(weights that do not fit its config: model\.norm\.weight, lm_head\.weight\)$"):
+        _load_model(Path(tiny_llama), "probe")
+
+
+def test_second_moments_of_the_whole_model_by_hand(tiny_llama, capsys) -> None:
+    """`_second_moments` against inputs captured by this test's own hooks in one forward pass of all
+    windows; batches of 2 of 3 windows; the LM head's product: all positions when its H is wanted,
+    the last one only otherwise (``logits_to_keep``); hooks gone afterwards; a bar when asked."""
+    from pathlib import Path
+
+    from wcfmt.cluster.calibrate import _load_model, _second_moments
+
+    _, model = _load_model(Path(tiny_llama), "probe", tokenizer=False)
+    windows = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(3))
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    seen: dict[str, list[torch.Tensor]] = {}
+    own = [model.get_submodule(n).register_forward_pre_hook(
+        lambda m, a, n=n: seen.setdefault(n, []).append(a[0].double())) for n in names]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for h in own:
+        h.remove()
+    want = {f"{n}.weight": (lambda x: x.T @ x / 30)(seen[n][0].reshape(30, -1).numpy()) for n in names}
+    head_rows: list[int] = []
+    model.lm_head.register_forward_pre_hook(lambda m, a: head_rows.append(a[0].shape[1]))
+    keep = set(want).__contains__
+    full = _second_moments(model, windows, keep, batch=2, progress=False, diagonal=False)
+    assert sorted(full) == sorted(want) and head_rows == [10, 10]
+    for n, h in want.items():
+        assert np.allclose(full[n], h, rtol=1e-5, atol=1e-7), n
+    assert capsys.readouterr().err == ""
+    diag = _second_moments(model, windows, keep, batch=2, progress=True, diagonal=True)
+    for n, h in want.items():
+        assert np.allclose(diag[n], np.diag(h), rtol=1e-5, atol=1e-7), n
+    err = capsys.readouterr().err
+    assert "calibrate" in err and "3/3" in err and "window" in err
+    assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not model.lm_head)
+    head_rows.clear()
+    part = _second_moments(model, windows, lambda n: "layers.1.mlp" in n, batch=2, progress=False, diagonal=False)
+    assert head_rows == [1, 1]  # no LM head wanted: its logits of one position per row
+    assert sorted(part) == [f"model.layers.1.mlp.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj")]
+    assert np.allclose(part["model.layers.1.mlp.down_proj.weight"], want["model.layers.1.mlp.down_proj.weight"], rtol=1e-5, atol=1e-7)
+
+
+@pytest.fixture(scope="module")
+def sampling_llama(tiny_llama, tmp_path_factory: pytest.TempPathFactory):
+    """tiny_llama with a BOS ("to") and an EOS ("[UNK]") token, sharper logits (LM head × 8, so that
+    the temperature shows), and a generation_config.json whose defaults are all wrong for
+    `sample_text` (greedy, 3 tokens, top-k 1...): every setting must be passed explicitly."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_model(tiny_llama, tmp_path_factory.mktemp("sampling") / "m")
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "bos_token": "to", "eos_token": "[UNK]"}))
+    gen = json.loads((folder / "generation_config.json").read_text())
+    gen.update(do_sample=False, temperature=0.25, top_k=1, top_p=0.25, max_new_tokens=3, min_new_tokens=1)
+    (folder / "generation_config.json").write_text(json.dumps(gen))
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state["lm_head.weight"] * 8
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return folder
+
+
+def test_sample_text_is_the_documented_sampling(sampling_llama, tiny_llama) -> None:
+    """Against transformers' own sampler with the docstring's settings (temperature 1, no top-k/p,
+    from BOS, torch seed), decoded by hand: the words, special tokens left out, blank lines between."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wcfmt.cluster.calibrate import sample_text
+
+    text = sample_text(sampling_llama, sequences=3, tokens=8, seed=5)
+    tok = AutoTokenizer.from_pretrained(sampling_llama)
+    model = AutoModelForCausalLM.from_pretrained(sampling_llama, dtype=torch.float32).eval()
+    bos, eos = tok.convert_tokens_to_ids("to"), tok.convert_tokens_to_ids("[UNK]")
+    torch.manual_seed(5)
+    with torch.no_grad():
+        out = model.generate(torch.full((3, 1), bos), attention_mask=torch.ones(3, 1, dtype=torch.long), do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=8, min_new_tokens=8, pad_token_id=eos)
+    words = {i: w for w, i in tok.get_vocab().items()}
+    rows = [r[1:].tolist() for r in out]
+    assert all(len(r) == 8 for r in rows) and any(bos in r or eos in r for r in rows)  # special tokens were sampled
+    assert text == "\n\n".join(" ".join(words[i] for i in r if i not in (bos, eos)) for r in rows)
+    with pytest.raises(UsageError, match="no BOS or EOS token"):
+        sample_text(tiny_llama, sequences=1, tokens=2)
+
+
+def test_collectors_defaults_and_arguments(tiny_llama, missing_llama, tmp_path, capsys) -> None:
+    """The documented defaults (windows of 512 tokens, a matrix, no bar), the limits on n_tokens and
+    on the text, and that diagonal, progress, path and names reach the pass. Expectation of H: this
+    test's own hooks over the first 1,024 tokens in two rows of 512."""
+    from transformers import AutoModelForCausalLM
+
+    from wcfmt.cluster.calibrate import collect_random_statistics, collect_text_statistics
+
+    words = "the king is dead long live queen and to be or not that question".split()
+    ids = [1 + i % 14 for i in range(1100)]  # word i of the 15-word vocabulary is id i
+    text = " ".join(words[i - 1] for i in ids)
+    name = "model.layers.1.mlp.down_proj.weight"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    seen: list[torch.Tensor] = []
+    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
+    with torch.no_grad():
+        model(input_ids=torch.tensor(ids[:1024]).reshape(2, 512))
+    x = seen[0].reshape(1024, -1).numpy()
+    s = collect_text_statistics(tiny_llama, text, 1100, names={name})
+    assert s.windows == (2, 512) and s.moments[name].shape == (32, 32)
+    assert np.allclose(s.moments[name], x.T @ x / 1024, rtol=1e-5, atol=1e-7)
+    assert np.allclose(collect_hessians(tiny_llama, text, 1100, names={name})[name], x.T @ x / 1024, rtol=1e-5, atol=1e-7)
+    assert capsys.readouterr().err == ""
+    two = collect_text_statistics(tiny_llama, "king queen", 2, names={name})  # the least: 2 tokens
+    assert two.windows == (1, 2)
+    for bad in (1, 2.5, True):
+        with pytest.raises(UsageError, match="n_tokens"):
+            collect_text_statistics(tiny_llama, text, bad, names={name})  # type: ignore[arg-type]
+    d = collect_hessians(tiny_llama, text, 64, names={name}, window=32, diagonal=True, progress=True)
+    assert capsys.readouterr().err != ""
+    assert np.allclose(d[name], np.diag(collect_hessians(tiny_llama, text, 64, names={name}, window=32)[name]), rtol=1e-6)
+    assert collect_text_statistics(tiny_llama, text, 64, names={name}, path="whole-model").path == "whole-model"
+    assert collect_random_statistics(tiny_llama, names={name}, sequences=2, tokens=8, path="whole-model").path == "whole-model"
+    collect_random_diagonals(tiny_llama, names={name}, sequences=2, tokens=8, progress=True)
+    assert capsys.readouterr().err != ""
+    for call in (lambda: collect_hessians(tiny_llama, text, 64, path="sideways"),
+                 lambda: collect_random_diagonals(tiny_llama, path="sideways")):
+        with pytest.raises(UsageError, match="path must be"):
+            call()
+    with pytest.raises(UsageError, match="calibration needs a Hugging Face model folder"):
+        collect_text_statistics(tmp_path, text)
+    with pytest.raises(UsageError, match="calib='random' needs a Hugging Face model folder"):
+        collect_random_diagonals(tmp_path)
+    with pytest.raises(UsageError, match=r"for calibration \(missing weights"):
+        collect_hessians(missing_llama, text, 64, path="whole-model")
+    with pytest.raises(UsageError, match=r"for calib='random' \(missing weights"):
+        collect_random_diagonals(missing_llama, sequences=2, tokens=8, path="whole-model")
+    assert capsys.readouterr().err == ""
+
+
+def test_random_diagonals_of_a_bf16_model_by_hand(tmp_path) -> None:
+    """A bf16 checkpoint runs in bfloat16, its inputs squared in float32 or wider: against this test's
+    own hooks on the bf16 model, squares in float64; and the seed reaches the random ids."""
+    from common import write_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    folder = write_tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16)
+    name = "model.layers.1.self_attn.q_proj.weight"
+    d, shape = collect_random_diagonals(folder, names={name}, sequences=2, tokens=16, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    seen: list[torch.Tensor] = []
+    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    with torch.no_grad():
+        model(input_ids=random_windows(model.config, sequences=2, tokens=16, seed=1))
+    x = seen[0].reshape(32, -1).double()
+    assert shape == (2, 16) and np.allclose(d[name], (x * x).mean(0).numpy(), rtol=1e-6, atol=1e-9)
