@@ -21,7 +21,7 @@ from safetensors.torch import save_file as st_save
 import wcfmt
 from wcfmt.cluster.allocate import TensorRate, allocate, coarse_histogram
 from wcfmt.cluster import cluster_tensor
-from wcfmt.cluster.kmeans import ValueHistogram, value_histogram
+from wcfmt.cluster.kmeans import EXACT_MAX_POINTS, ValueHistogram, value_histogram
 from wcfmt.errors import UsageError
 from wcfmt.packing import DEFAULT_EMBED_WEIGHT
 from wcfmt.reader import WclustReader
@@ -293,3 +293,43 @@ def test_cli_default_bits_is_the_librarys() -> None:
                     .choices["pack"].format_help().split())
     assert f"default {convert.DEFAULT_BITS_CALIBRATED:g} when input columns are weighted" in text
     assert f"else {convert.DEFAULT_BITS:g})" in text
+
+
+# -- survivors of `python tools/mutation.py wcfmt/cluster/allocate.py` (tools/NOTES-mutation.md) ---
+def _hist(n: int, seed: int = 0) -> ValueHistogram:
+    return value_histogram(np.random.default_rng(seed).standard_t(4, n).astype(np.float32), "F32")
+
+
+def test_a_weighted_tensor_at_a_step_is_the_unweighted_one_at_a_finer_step() -> None:
+    """TensorRate's docstring: weight ω makes its cells 1/√ω as wide at one slope. So ω = 4 at
+    common step s costs what ω = 1 costs at s/2, and ω = 1/4 what ω = 1 costs at 2s."""
+    h = _hist(20_000)
+    plain = TensorRate([h], [16.0], "g")
+    for w, factor in ((4.0, 0.5), (0.25, 2.0)):
+        for s in (0.05, 0.2):
+            assert TensorRate([h], [16.0], "g", weight=w).bits_at(s) == pytest.approx(plain.bits_at(s * factor), rel=1e-12)
+
+
+def test_coarse_histogram_keeps_a_histogram_of_exactly_the_limit() -> None:
+    """At most EXACT_MAX_POINTS distinct values: the histogram itself; one more: a coarser one of
+    the same dtype and the same total count."""
+    x = np.arange(EXACT_MAX_POINTS + 1, dtype=np.float32) / 1000
+    exact = ValueHistogram("F32", x[:-1], np.ones(EXACT_MAX_POINTS, np.int64), np.ones(EXACT_MAX_POINTS))
+    assert coarse_histogram(exact) is exact
+    over = ValueHistogram("F32", x, np.ones(x.size, np.int64), np.ones(x.size))
+    got = coarse_histogram(over)
+    assert got.dtype == "F32" and got.x.size < x.size and int(got.count.sum()) == x.size
+
+
+def test_a_group_without_members_does_not_stop_the_others() -> None:
+    a = allocate({"t": TensorRate([_hist(5_000)], [16.0], "later")}, {"empty": 4.0, "later": 4.0})
+    assert set(a.steps) == {"t"} and set(a.group_step) == {"later"}
+
+
+def test_bits_per_weight_of_a_one_element_tensor() -> None:
+    """`Allocation.bits` is the tensor's modelled bits over its element count, also for one element."""
+    one = value_histogram(np.array([0.5], np.float32), "F32")
+    rates = {"one": TensorRate([one], [16.0], "g"), "big": TensorRate([_hist(20_000)], [16.0], "g")}
+    a = allocate(rates, {"g": 4.0})
+    step = a.group_step["g"]
+    assert a.bits["one"] == pytest.approx(rates["one"].bits_at(step)) and a.bits["one"] > 16
