@@ -169,3 +169,52 @@ def test_float_planes_are_coded_as_literal_streams(monkeypatch: pytest.MonkeyPat
         for job in jobs:
             job()
         assert kinds and set(kinds) == {want}
+
+
+# -- survivors of `python tools/mutation.py wcfmt/codecs/lossless.py` (tools/NOTES-mutation.md) ----
+@pytest.mark.parametrize("shape", [(1,), (1, 1), (3, 0), (0,), ()])
+def test_codec_tiny_and_empty_shapes(shape: tuple[int, ...]) -> None:
+    """One element is one chunk; a tensor with a zero dimension (rows but empty rows) has none."""
+    t = torch.full(shape, 1.5, dtype=torch.float32)
+    got, sizes = _encode_decode(t)
+    assert_bit_equal(got, t)
+    assert sizes == ([1] if t.numel() else [])
+
+
+@pytest.mark.parametrize("level", [1, 19])
+def test_codec_compresses_at_the_level_asked(level: int) -> None:
+    words = np.random.default_rng(0).integers(0, 1 << 20, (32, 8))  # 8-word phrases repeated at random
+    t = torch.from_numpy(words[np.random.default_rng(1).integers(0, 32, 512)].astype(np.int32)).reshape(64, 64)
+    _, jobs = lossless.encode_chunks(t, level=level)
+    got = [payload for payload, _ in jobs[0]()]
+    planes = lossless.to_planes(to_numpy(t).reshape(-1), "I32", "byte_planes")
+    assert got == [entropy.compress(p.tobytes(), level, "bytes")[0] for p in planes]
+    assert got != [entropy.compress(p.tobytes(), None, "bytes")[0] for p in planes]
+
+
+def test_from_planes_checks_its_out_buffer() -> None:
+    planes = lossless.to_planes(np.arange(8, dtype=np.int32), "I32", "byte_planes")
+    good = np.empty(8, np.int32)
+    assert lossless.from_planes(planes, "I32", "byte_planes", good) is good
+    read_only = np.empty(8, np.int32)
+    read_only.flags.writeable = False
+    for bad in (np.empty(16, np.int32)[::2], read_only, np.empty(8, np.int16), np.empty(9, np.int32)):
+        with pytest.raises(ValueError, match="out must be"):
+            lossless.from_planes(planes, "I32", "byte_planes", bad)
+
+
+def test_decode_chunk_names_the_plane_it_reads() -> None:
+    t = torch.arange(6, dtype=torch.int16)
+    _, jobs = lossless.encode_chunks(t)
+    payloads = jobs[0]()
+    blobs = [Blob(offset=64 * (i + 1), length=len(p), encoding=e, crc32=entropy.crc32(p)) for i, (p, e) in enumerate(payloads)]
+    entry = lossless.make_entry(t, 6, [blobs])
+    asked: list[str] = []
+
+    def read(blob: Blob, expected: int, what: str, out: np.ndarray | None = None) -> bytes:
+        asked.append(what)
+        return payloads[blob.offset // 64 - 1][0]
+
+    lossless.decode_chunk(entry, 0, read)
+    lossless.decode_chunk(entry, 0, read, scratch=entropy.Scratch())
+    assert asked == ["plane 0", "plane 1"] * 2
