@@ -740,7 +740,13 @@ def test_load_model_refuses_missing_and_reinitialised_weights(tiny_llama, missin
         _load_model(Path(tiny_llama), "probe")
 
 
-def test_second_moments_of_the_whole_model_by_hand(tiny_llama, capsys) -> None:
+def _no_tqdm_monitor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Bars without tqdm's monitor thread: a process forked after one started (mutmut's) would
+    wait forever on closing its last bar for a thread it does not have."""
+    monkeypatch.setattr("tqdm.std.tqdm.monitor_interval", 0)
+
+
+def test_second_moments_of_the_whole_model_by_hand(tiny_llama, capsys, monkeypatch) -> None:
     """`_second_moments` against inputs captured by this test's own hooks in one forward pass of all
     windows; batches of 2 of 3 windows; the LM head's product: all positions when its H is wanted,
     the last one only otherwise (``logits_to_keep``); hooks gone afterwards; a bar when asked."""
@@ -748,6 +754,7 @@ def test_second_moments_of_the_whole_model_by_hand(tiny_llama, capsys) -> None:
 
     from wcfmt.cluster.calibrate import _load_model, _second_moments
 
+    _no_tqdm_monitor(monkeypatch)
     _, model = _load_model(Path(tiny_llama), "probe", tokenizer=False)
     windows = torch.randint(0, 15, (3, 10), generator=torch.Generator().manual_seed(3))
     names = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj", "lm_head"]
@@ -824,7 +831,7 @@ def test_sample_text_is_the_documented_sampling(sampling_llama, tiny_llama) -> N
         sample_text(tiny_llama, sequences=1, tokens=2)
 
 
-def test_collectors_defaults_and_arguments(tiny_llama, missing_llama, tmp_path, capsys) -> None:
+def test_collectors_defaults_and_arguments(tiny_llama, missing_llama, tmp_path, capsys, monkeypatch) -> None:
     """The documented defaults (windows of 512 tokens, a matrix, no bar), the limits on n_tokens and
     on the text, and that diagonal, progress, path and names reach the pass. Expectation of H: this
     test's own hooks over the first 1,024 tokens in two rows of 512."""
@@ -832,6 +839,7 @@ def test_collectors_defaults_and_arguments(tiny_llama, missing_llama, tmp_path, 
 
     from wcfmt.cluster.calibrate import collect_random_statistics, collect_text_statistics
 
+    _no_tqdm_monitor(monkeypatch)
     words = "the king is dead long live queen and to be or not that question".split()
     ids = [1 + i % 14 for i in range(1100)]  # word i of the 15-word vocabulary is id i
     text = " ".join(words[i - 1] for i in ids)
@@ -842,6 +850,7 @@ def test_collectors_defaults_and_arguments(tiny_llama, missing_llama, tmp_path, 
     with torch.no_grad():
         model(input_ids=torch.tensor(ids[:1024]).reshape(2, 512))
     x = seen[0].reshape(1024, -1).numpy()
+    capsys.readouterr()  # transformers' own loading bar, if this test runs first
     s = collect_text_statistics(tiny_llama, text, 1100, names={name})
     assert s.windows == (2, 512) and s.moments[name].shape == (32, 32)
     assert np.allclose(s.moments[name], x.T @ x / 1024, rtol=1e-5, atol=1e-7)
