@@ -11,6 +11,7 @@ import torch
 from common import random_clustered
 from wcfmt import ClusteredTensor
 from wcfmt.codecs import clustered, entropy
+from wcfmt.codecs.bitpack import pack_labels
 from wcfmt.schema import Blob
 
 
@@ -77,3 +78,21 @@ def test_a_two_entry_table_must_ascend(table: list[float]) -> None:
 
     with pytest.raises(ValueError, match="ascending"):
         clustered.read_centroids(entry, 0, read)
+
+
+@pytest.mark.parametrize("level", [None, 3])
+def test_label_planes_are_compressed_as_labels_at_the_level_asked(level: int | None) -> None:
+    """The label plane's frame is `entropy.compress` of the packed plane with the label
+    parameters (kind "labels") at the pack's level; with these labels (words of labels repeated
+    at random) other parameters give other bytes."""
+    rng = np.random.default_rng(4)
+    words = rng.integers(0, 16, (32, 24))
+    labels = torch.from_numpy(words[rng.integers(0, 32, 2000)].reshape(200, 240).astype(np.uint8))
+    table = torch.linspace(-1, 1, 16, dtype=torch.float16)
+    ct = ClusteredTensor(labels=labels, centroids=[table], chunk_rows=200, dtype=torch.bfloat16)
+    entry, store = _stored(ct, level)
+    frame, enc = store[entry.chunks[0].labels.offset]
+    plane = pack_labels(labels.numpy().reshape(-1), 4).tobytes()
+    assert (frame, enc) == entropy.compress(plane, level, "labels") and enc == "zstd"
+    frames = {entropy.compress(plane, lv, kind)[0] for lv, kind in ((None, "labels"), (None, "bytes"), (3, "labels"))}
+    assert len(frames) == 3  # the label parameters, the byte parameters and level 3 each give other bytes

@@ -43,7 +43,8 @@ string. The conditions that lead to them are mutated.
 ``--resume DIR`` (a ``--keep`` folder, or one module's folder in it) is how a new test is credited
 with the mutants it kills without running the whole campaign again: it copies the current tests/
 into the run (and the current wcfmt/, spec/ and tools/: mutmut mutates a changed module again and
-re-runs the mutants of its changed functions), adds the files named by ``--tests`` to its test selection, resets the surviving
+re-runs the mutants of its changed functions), adds to its test selection the module's test files
+made since (``tests/test_<name>_*.py``) and those named by ``--tests``, resets the surviving
 mutants ("survived", "no tests") to "not checked" in mutmut's records, deletes mutmut's
 test-to-function stats so that they are recorded again with the new tests, and runs ``mutmut run``
 there: only the reset mutants run, each forked from a process that has imported everything once,
@@ -264,7 +265,8 @@ def _selection(work: Path) -> list[str]:
 def resume(work: Path, tests: list[str] | None) -> None:
     """Run the surviving mutants of a kept run again with mutmut itself, against the current tests/.
 
-    The current tests/ is copied in; ``tests`` (files) are added to the run's test selection; the
+    The current tests/ (and code) is copied in; the module's test files made since and ``tests``
+    (files) are added to the run's test selection; the
     verdicts "survived" and "no tests" are reset to "not checked" in mutmut's .meta files; mutmut's
     stats (which test reaches which function) are deleted so that it records them again with the
     new tests; then ``mutmut run`` runs only the reset mutants, each in a forked process against the
@@ -279,9 +281,12 @@ def resume(work: Path, tests: list[str] | None) -> None:
     for d in ("wcfmt", "spec", "tools"):  # the code as it is now: mutmut re-mutates a changed module
         # (its mtime is newer than the mutated copy) and re-runs the mutants of the functions that changed
         shutil.copytree(ROOT / d, work / d, ignore=IGNORED, symlinks=True, dirs_exist_ok=True)
-    if tests:
-        old = _selection(work)
-        sel = old + [t for t in tests if t not in old]
+    run = json.loads((work / "mutation.json").read_text())
+    # test files made since the run for its module (tests/test_<name>_*.py), and those asked for
+    wanted = [t for m in run["modules"] for t in tests_for(Path(m))] + list(tests or [])
+    old = _selection(work)
+    sel = old + [t for t in dict.fromkeys(wanted) if t not in old]
+    if sel != old:
         for pp in (work / "pyproject.toml", work / "mutants" / "pyproject.toml"):
             if pp.exists():
                 pp.write_text(re.sub(r"^pytest_add_cli_args_test_selection = .*$",
