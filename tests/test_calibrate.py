@@ -584,18 +584,24 @@ def _weighted_cell_means(w: np.ndarray, lab: np.ndarray, d: np.ndarray, grid: np
 def test_refit_hand_worked() -> None:
     """Refit on a diagonal H: cells of the nearest labels, means weighted by d; a cell whose weights
     all sit in a dead column keeps its grid value; an unused cell is dropped."""
+    import warnings
+
     w = np.array([[2.0, 0.1, 0.9, 1.2],
                   [-7.0, 0.3, 0.8, 0.2],
                   [0.5, -0.1, 1.1, 0.0]])
     grid = np.array([0.0, 1.0, 2.0, 4.0])  # cell 3 unused
     ct = _hand_clustered(w, [grid], 3)
     d = np.array([0.0, 0.2, 0.5, 0.3])  # small weights (< 1), column 0 dead
-    out = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), d, refit=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the empty cell 3: no 0/0 on the way
+        out = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), d, refit=True)
     # cell 0: 0.1·.2 + 0.3·.2 + 0.2·.3 - 0.1·.2 + 0·.3 (and -7, 0.5 in the dead column) → 0.12 / 1.2 = 0.1
     # cell 1: (0.9 + 0.8 + 1.1)·.5 + 1.2·.3 → 1.76 / 1.8; cell 2: only 2.0 in the dead column → 2.0
     assert out.dtype == torch.float32 and out.shape == ct.shape
     assert out.centroids[0].tolist() == [np.float16(0.1), np.float16(1.76 / 1.8), 2.0]
     assert np.array_equal(out.decode().double().numpy(), _weighted_cell_means(w, nearest(w, grid), d, grid))
+    tenth = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), d / 10, refit=True)  # cells of mass < 1
+    assert np.array_equal(tenth.decode().double().numpy(), out.decode().double().numpy())  # the same means
     # no column weighs anything: plain cell means (cell 0: six weights, -7 among them)
     flat = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), np.zeros(4), refit=True)
     assert np.array_equal(flat.decode().double().numpy(), _weighted_cell_means(w, nearest(w, grid), np.ones(4), grid))
@@ -866,6 +872,8 @@ def test_collectors_defaults_and_arguments(tiny_llama, missing_llama, tmp_path, 
     assert np.allclose(d[name], np.diag(collect_hessians(tiny_llama, text, 64, names={name}, window=32)[name]), rtol=1e-6)
     assert collect_text_statistics(tiny_llama, text, 64, names={name}, path="whole-model").path == "whole-model"
     assert collect_random_statistics(tiny_llama, names={name}, sequences=2, tokens=8, path="whole-model").path == "whole-model"
+    collect_random_diagonals(tiny_llama, names={name}, sequences=2, tokens=8)
+    assert capsys.readouterr().err == ""  # no bar unless asked
     collect_random_diagonals(tiny_llama, names={name}, sequences=2, tokens=8, progress=True)
     assert capsys.readouterr().err != ""
     for call in (lambda: collect_hessians(tiny_llama, text, 64, path="sideways"),
