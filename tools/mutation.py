@@ -11,6 +11,7 @@ Usage (from the repository root, with the project's virtual environment active):
     python tools/mutation.py --resume /tmp/mut-ecsq    # after adding tests: its survivors against them
     python tools/mutation.py --resume /tmp/mut-ecsq --tests tests/test_pack.py   # and a wider selection
     python tools/mutation.py --summary /tmp/mut-ecsq   # the totals of a kept run again
+    python tools/mutation.py --summary /tmp/mut-a /tmp/mut-b/wcfmt.reader   # several, and all together
 
 MODULE is a ``.py`` file or a folder of them (``wcfmt/codecs/``), under ``wcfmt/`` or ``spec/reference/``.
 The last line printed is ``N mutants, M survived, K timed out`` (survived includes mutmut's "no
@@ -317,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("modules", nargs="*", help="modules (.py files or folders) to mutate")
     ap.add_argument("--resume", type=Path, help="a --keep folder: run its surviving mutants again against the current "
                     "tests (--tests: test files to add to its selection) and print the totals again")
-    ap.add_argument("--summary", type=Path, help="a --keep folder: print its totals again")
+    ap.add_argument("--summary", type=Path, nargs="+", help="--keep folders (or module folders in them): print "
+                    "their totals again, per module and for all of them together")
     ap.add_argument("--tests", nargs="+", help="test files to run instead of the automatic choice")
     ap.add_argument("--jobs", type=int, default=1, help="modules run at once, one mutant each (default 1)")
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (must not exist)")
@@ -326,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
 
     if a.summary:
-        return summarise_all(runs_in(a.summary.resolve()))
+        return summarise_all([sub for folder in a.summary for sub in runs_in(folder.resolve())])
     if a.resume:
         return resume_all(a.resume.resolve(), a.tests)
     if not a.modules:
