@@ -56,6 +56,14 @@ mutant hid the next one's failures. Its DIR/resume.json verdicts, if any, are fo
 Limits: mutmut 3 mutates code inside functions and methods only, not module-level constants (a
 constant such as ``ZSTD_OVERHEAD = 1.012`` is not mutated; hand mutations cover those, see
 tools/NOTES-mutation.md). It is slow (minutes per module on 2 cores); run it under ``nice``. Not in CI.
+
+Traps for whoever writes tests against its results (each met here; tools/NOTES-mutation.md):
+every mutant is forked from the process that ran the tests once to map them to functions, so a
+cache that process filled (entropy.py's per-thread compressors) hides the mutants of the code
+that fills it — clear it in the tests; a thread that process started (tqdm's monitor) is missing
+in the child and can hang it into a false "timeout" (the conftest written here turns tqdm's off);
+and mutmut hands test node ids back to pytest, so a parametrize id it cannot find again (regex
+text, raw bytes) fails the run and counts as "killed" — give such tests plain ids.
 """
 
 from __future__ import annotations
@@ -75,10 +83,16 @@ COPIED = ("wcfmt", "tools", "tests", "spec")
 IGNORED = shutil.ignore_patterns("__pycache__", ".hypothesis", ".pytest_cache", "*.pyc", "mutants")
 
 CONFTEST = '''\
-"""Written by tools/mutation.py: the reference decoder under mutmut's name and the tests' name."""
+"""Written by tools/mutation.py: the reference decoder under mutmut's name and the tests' name;
+tqdm without its monitor thread (mutmut forks each mutant from the process that ran the tests
+first: a child closing a bar would wait for a monitor thread that exists only in the parent, and
+the hang would count as a timeout, i.e. as caught)."""
 import importlib
 import sys
 
+import tqdm
+
+tqdm.tqdm.monitor_interval = 0
 if {wants_ref!r}:
     sys.modules["wclust_ref"] = importlib.import_module("spec.reference.wclust_ref")
 '''
