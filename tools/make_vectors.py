@@ -850,6 +850,15 @@ def invalid_sets(base: bytes) -> dict[str, Fault]:
     # unknown codec in a newer minor: the file opens, but loading that tensor is refused (§10)
     header_edit("unknown_codec_requested", lambda h: h["tensors"].update(vq_w={"dtype": "F16", "shape": [2], "codec": "vq"}),
                 "VersionError", "§10 a requested tensor needs an unknown codec", [["header_del", ["tensors", "vq_w"]]], minor=1)
+    # an entry set aside for an unknown codec is still a key of `tensors` (found by mutation tests:
+    # wcfmt accepted both, the reference decoder did not)
+    header_edit("unknown_codec_empty_name", lambda h: h["tensors"].update({"": {"dtype": "F16", "shape": [2], "codec": "vq"}}),
+                "HeaderError", "§4.1 tensor names are non-empty, also of a tensor needing an unknown codec (§10)",
+                [["header_del", ["tensors", ""]]], minor=1)
+    header_text("unknown_codec_surrogate_name",
+                text.replace('"tensors":{', '"tensors":{"\\ud800":{"dtype":"F16","shape":[2],"codec":"vq"},', 1).encode(),
+                "HeaderError", "§3.4 names are Unicode scalar values, also of a tensor needing an unknown codec (§10)",
+                minor=1)
 
     # §4.4/§3.2 blob placement (checked before any blob is read)
     def unaligned_blob(d: Draft) -> None:
