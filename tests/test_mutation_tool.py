@@ -6,11 +6,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the tool itself runs on 3.10 too
 
 ROOT = Path(__file__).resolve().parent.parent
 
