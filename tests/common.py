@@ -281,18 +281,22 @@ def write_tiny_llama(folder: Path, *, hidden: int = 16, intermediate: int = 32, 
     return folder
 
 
-def reference_decoder() -> Any:
-    """The reference decoder, `spec/reference/wclust_ref.py`, loaded once as module ``wclust_ref``
-    (it is a file beside the spec, not part of the package)."""
+def load_script(relpath: str, name: str) -> Any:
+    """A file of the repository that is not part of the package (the reference decoder beside the
+    spec, a script in tools/), loaded once as module ``name``."""
     import importlib.util
     import sys
 
-    if "wclust_ref" in sys.modules:
-        return sys.modules["wclust_ref"]
-    path = Path(__file__).resolve().parent.parent / "spec" / "reference" / "wclust_ref.py"
-    spec = importlib.util.spec_from_file_location("wclust_ref", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / relpath)
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
-    sys.modules["wclust_ref"] = mod  # dataclasses look their module up
+    sys.modules[name] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
+
+
+def reference_decoder() -> Any:
+    """The reference decoder, `spec/reference/wclust_ref.py`, as module ``wclust_ref``."""
+    return load_script("spec/reference/wclust_ref.py", "wclust_ref")

@@ -3,7 +3,6 @@ configuration it writes into a run's copy, and what `--resume` resets (tools/NOT
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -11,17 +10,15 @@ from typing import Any
 
 import pytest
 
+from common import load_script
+
 tomllib = pytest.importorskip("tomllib")  # Python 3.11+; the tool itself runs on 3.10 too
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _tool():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("mutation_tool", ROOT / "tools" / "mutation.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/mutation.py", "mutation_tool")
 
 
 def test_folders_expand_to_modules_with_code() -> None:

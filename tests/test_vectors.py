@@ -6,7 +6,6 @@ verifies; and regenerating the vectors gives the same bytes."""
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import struct
 import subprocess
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file as st_load
 
 import wcfmt
+from common import load_script
 from wcfmt.inspect import verify
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,11 +27,7 @@ MANIFEST = json.loads((VECTORS / "manifest.json").read_text())
 
 
 def _make_vectors():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("make_vectors", ROOT / "tools" / "make_vectors.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("tools/make_vectors.py", "make_vectors")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
