@@ -153,3 +153,36 @@ def test_a_model_without_linear_projections_gets_no_weights(tmp_path: Path) -> N
     assert extra["calib"] == "none" and extra["calib_skipped"] == "no clustered projection is an nn.Linear to weigh"
     with pytest.warns(UserWarning, match="no clustered projection is an nn.Linear"):  # asked for: warned
         wcfmt.pack(folder, tmp_path / "asked", bits=4.0, calib="random")
+
+
+def test_a_calibration_asked_for_that_cannot_fit_is_refused_before_it_runs(
+    tmp_path: Path, llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--calib FILE` keeps every projection's full in × in float64 statistics to the end, and
+    `self` samples with the whole model: on a model too big for the memory available the pack is
+    refused at once, with the estimate and the cheaper choice, instead of being killed later. The
+    estimate is the one the automatic choice uses (`calibration_need`, from the headers)."""
+    from wcfmt.cluster import layerwise as lw
+
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox " * 50)
+    full = lw.calibration_need(llama, sequences=4, tokens=512, diagonal=False, run_itemsize=4)
+    cheap = lw.calibration_need(llama, sequences=8, tokens=128)
+    assert full.least > cheap.least  # full statistics and float32 weights cost more
+    monkeypatch.setattr(calibrate_stage, "available_memory", lambda: (cheap.least + full.least) // 2)
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match=r"calib .*calib\.txt: calibrating .* needs about .* GiB of memory and "
+                                         r".* GiB is available; --calib random \(per-column statistics\) needs about"):
+        wcfmt.pack(llama, out, calib=str(text))
+    assert not out.exists()
+    with pytest.raises(UsageError, match="calib self: "):
+        wcfmt.pack(llama, out, calib="self")
+    opts = wcfmt.PackOptions(calib="random")
+    assert calibrate_stage.choose(calibrate_stage.Source(llama), opts).what == "random"  # this one fits
+    monkeypatch.setattr(calibrate_stage, "available_memory", lambda: cheap.least - 1)
+    with pytest.raises(UsageError, match=r"calib random: .*; --calib none packs without$"):
+        calibrate_stage.choose(calibrate_stage.Source(llama), opts)
+    monkeypatch.setattr(calibrate_stage, "available_memory", lambda: full.whole_model)  # enough for all
+    assert calibrate_stage.choose(calibrate_stage.Source(llama), wcfmt.PackOptions(calib=str(text))).what == text
+    monkeypatch.setattr(calibrate_stage, "available_memory", lambda: None)  # not reported: nothing refused
+    assert calibrate_stage.choose(calibrate_stage.Source(llama), wcfmt.PackOptions(calib="self")).what == "self"

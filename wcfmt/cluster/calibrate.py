@@ -81,6 +81,8 @@ _WINDOW = 2
 
 #: ``calib`` value meaning "sample the calibration text from the model itself", and how:
 #: sequences × tokens, sampled at temperature 1 from the BOS token with this torch seed.
+#: A calibration text is read in windows of this many tokens, this many windows per forward pass.
+TEXT_WINDOW, TEXT_BATCH = 512, 4
 SELF_CALIB = "self"
 SELF_SEQUENCES, SELF_TOKENS, SELF_SEED = 8, 560, 0
 
@@ -170,8 +172,8 @@ def collect_hessians(
     n_tokens: int = DEFAULT_CALIB_TOKENS,
     *,
     names: Collection[str] | Callable[[str], bool] | None = None,
-    window: int = 512,
-    batch: int = 4,
+    window: int = TEXT_WINDOW,
+    batch: int = TEXT_BATCH,
     progress: bool = False,
     diagonal: bool = False,
     path: str | None = None,
@@ -197,8 +199,8 @@ def collect_text_statistics(
     n_tokens: int = DEFAULT_CALIB_TOKENS,
     *,
     names: Collection[str] | Callable[[str], bool] | None = None,
-    window: int = 512,
-    batch: int = 4,
+    window: int = TEXT_WINDOW,
+    batch: int = TEXT_BATCH,
     progress: bool = False,
     diagonal: bool = False,
     path: str | None = None,

@@ -70,15 +70,46 @@ def choose(source: Source, options: PackOptions) -> Calibration:
             return Calibration(None, skipped=reason)
         return Calibration(RANDOM_CALIB, auto=True, path=path)
     if calib == RANDOM_CALIB:
+        _refuse_if_too_big(source.path, RANDOM_CALIB)
         return Calibration(RANDOM_CALIB)
     tokens = options.calib_tokens if options.calib_tokens is not None else DEFAULT_CALIB_TOKENS
     if calib == SELF_CALIB:
+        _refuse_if_too_big(source.path, SELF_CALIB)
         return Calibration(SELF_CALIB, tokens)
     text = Path(calib)
     if not text.is_file():
         raise UsageError(f"calib {text}: no such text file ('self': text sampled from the model; "
                          f"'random': random tokens)")
+    _refuse_if_too_big(source.path, str(text))
     return Calibration(text, tokens)
+
+
+def _refuse_if_too_big(src: Path, what: str) -> None:
+    """Raise `UsageError` before anything runs when the calibration the user asked for would need
+    more memory than is available (estimated from config.json and the safetensors headers, as for
+    the automatic choice): a text needs every projection's full in × in statistics (float64, kept
+    to the end) and runs the model in float32; ``self`` also samples with the whole model. Nothing
+    is said where the estimate cannot be made (not a model folder, no MemAvailable)."""
+    from ..cluster.calibrate import RANDOM_CALIB, RANDOM_SEQUENCES, RANDOM_TOKENS, SELF_CALIB, TEXT_BATCH, TEXT_WINDOW
+    from ..cluster.layerwise import calibration_need
+
+    have = available_memory()
+    if have is None or not src.is_dir() or not (src / "config.json").is_file():
+        return
+    try:
+        if what == RANDOM_CALIB:
+            need = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).least
+        else:
+            full = calibration_need(src, sequences=TEXT_BATCH, tokens=TEXT_WINDOW, diagonal=False, run_itemsize=4)
+            need = full.whole_model if what == SELF_CALIB else full.least
+            cheap = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).least
+    except UsageError:
+        return
+    if need <= have:
+        return
+    also = "" if what == RANDOM_CALIB else f"; --calib random (per-column statistics) needs about {cheap / 2**30:.1f} GiB"
+    raise UsageError(f"calib {what}: calibrating {src.name} needs about {need / 2**30:.1f} GiB of memory and "
+                     f"{have / 2**30:.1f} GiB is available{also}; --calib none packs without")
 
 
 def auto_calibration_blocker(src: Path) -> str | None:
