@@ -907,3 +907,130 @@ def test_random_diagonals_of_a_bf16_model_by_hand(tmp_path) -> None:
         model(input_ids=random_windows(model.config, sequences=2, tokens=16, seed=1))
     x = seen[0].reshape(32, -1).double()
     assert shape == (2, 16) and np.allclose(d[name], (x * x).mean(0).numpy(), rtol=1e-6, atol=1e-9)
+
+
+# -- mutation-guided checks, second round: what only another model, tokenizer or dtype shows -------
+@pytest.fixture(scope="module")
+def gpt2_sampler(tmp_path_factory: pytest.TempPathFactory):
+    """A 1-layer GPT-2 (learned absolute positions, unlike Llama's relative RoPE) with the 15-word
+    tokenizer, BOS "to" and EOS "[UNK]" (also the config's EOS, so a sampled one would end a row),
+    attention × 3 (so that what came before a token, and where, changes what follows) and a
+    sharper LM head (× 8)."""
+    pytest.importorskip("transformers")
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path_factory.mktemp("gpt2") / "m"
+    words = ["[UNK]"] + "the king is dead long live queen and to be or not that question".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="to",
+                                         eos_token="[UNK]").save_pretrained(folder)
+    config = transformers.GPT2Config(vocab_size=len(words), n_embd=16, n_layer=1, n_head=2, n_positions=64,
+                                     bos_token_id=9, eos_token_id=0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8)
+        model.transformer.h[0].attn.c_attn.weight.mul_(3)
+        model.transformer.h[0].attn.c_proj.weight.mul_(3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_sample_text_of_a_model_with_absolute_positions(gpt2_sampler) -> None:
+    """`sample_text` on a GPT-2, against transformers' own sampler given one BOS token at position 0
+    per row (mask of one column), every row `tokens` long (the EOS is held back until then, so none ends
+    a row early), decoded by hand. Where a Llama's RoPE hides a shifted position and its weak attention a
+    second BOS token, this model samples other words."""
+    from transformers import AutoModelForCausalLM
+
+    from wcfmt.cluster.calibrate import sample_text
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_sampler, dtype=torch.float32).eval()
+    words = "[UNK] the king is dead long live queen and to be or not that question".split()
+    for seed in (0, 1):
+        text = sample_text(gpt2_sampler, sequences=3, tokens=24, seed=seed)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            out = model.generate(torch.full((3, 1), 9), attention_mask=torch.ones(3, 1, dtype=torch.long),
+                                 position_ids=torch.zeros(3, 1, dtype=torch.long), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=24, min_new_tokens=24, pad_token_id=0)
+        rows = [r[1:].tolist() for r in out]
+        assert all(len(r) == 24 for r in rows)
+        assert text == "\n\n".join(" ".join(words[i] for i in r if i not in (0, 9)) for r in rows), seed
+
+
+def test_collect_text_statistics_adds_no_special_tokens(tiny_llama, tmp_path) -> None:
+    """A tokenizer that puts BOS before every text (a post-processor, as Llama's do): the statistics
+    are of the text's own words, ids by this test's word list, H by this test's hooks."""
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from wcfmt.cluster.calibrate import collect_text_statistics
+
+    folder = _copy_model(tiny_llama, tmp_path / "bos")
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    tok.post_processor = processors.TemplateProcessing(single="to $A", special_tokens=[("to", 9)])
+    tok.save(str(folder / "tokenizer.json"))
+    text = "the king is dead long live the queen " * 4
+    assert AutoTokenizer.from_pretrained(folder).encode(text)[:2] == [9, 1]  # the BOS the tokenizer would add
+    words = "[UNK] the king is dead long live queen and to be or not that question".split()
+    ids = torch.tensor([words.index(w) for w in text.split()][:16])
+    name = "model.layers.1.mlp.down_proj.weight"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen: list[torch.Tensor] = []
+    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
+    with torch.no_grad():
+        model(input_ids=ids.reshape(2, 8))
+    x = seen[0].reshape(16, -1).numpy()
+    s = collect_text_statistics(folder, text, 16, names={name}, window=8)
+    assert s.windows == (2, 8) and np.allclose(s.moments[name], x.T @ x / 16, rtol=1e-5, atol=1e-7)
+
+
+def test_collect_text_statistics_of_a_bf16_model_run_in_float32(tmp_path) -> None:
+    """Text statistics run the model in float32 whatever the checkpoint's dtype (unlike random
+    diagonals): a bf16 checkpoint against this test's hooks on it loaded as float32, both paths."""
+    from common import write_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from wcfmt.cluster.calibrate import collect_text_statistics
+
+    folder = write_tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16)
+    text = "the king is dead long live the queen " * 4
+    words = "[UNK] the king is dead long live queen and to be or not that question".split()
+    ids = torch.tensor([words.index(w) for w in text.split()][:16])
+    name = "model.layers.1.mlp.down_proj.weight"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen: list[torch.Tensor] = []
+    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
+    with torch.no_grad():
+        model(input_ids=ids.reshape(2, 8))
+    x = seen[0].reshape(16, -1).numpy()
+    for path in ("layerwise", "whole-model"):
+        s = collect_text_statistics(folder, text, 16, names={name}, window=8, path=path)
+        assert s.path == path and np.allclose(s.moments[name], x.T @ x / 16, rtol=1e-5, atol=1e-7), path
+
+
+def test_refit_keeps_a_cell_used_only_in_an_earlier_row_block() -> None:
+    """Refit reads rows in blocks of 2^20 weights: with 2^19 + 1 columns, one row a block. Cell 3
+    (4.0) is used in row 0 only, and must stay a cell: every weight decodes to its own cell's
+    weighted mean (by hand, `_weighted_cell_means`)."""
+    rng = np.random.default_rng(24)
+    cols = (1 << 19) + 1
+    w = np.stack([rng.uniform(-0.4, 4.4, cols), rng.uniform(-0.4, 2.4, cols)]).astype(np.float32).astype(np.float64)
+    grid = np.array([0.0, 1.0, 2.0, 4.0])
+    d = rng.uniform(0.5, 2.0, cols)
+    ct = _hand_clustered(w, [grid], 2)
+    lab = nearest(w, grid)
+    assert (lab[0] == 3).any() and not (lab[1] == 3).any()
+    out = calibrate_clustered(ct, torch.tensor(w, dtype=torch.float32), d, refit=True)
+    assert out.centroids[0].numel() == 4
+    assert np.array_equal(out.decode().double().numpy(), _weighted_cell_means(w, lab, d, grid))
+
+
+def test_column_weights_of_a_diagonal_kept_as_a_row() -> None:
+    """H's diagonal as a 1 × cols row (a ``mean(0, keepdims=True)``): the same flat vector of ω."""
+    d = np.array([1.0, 3.0, 0.0, 8.0])
+    got = column_weights(d[None], cols=4)
+    assert got.shape == (4,) and got.tolist() == column_weights(d).tolist()
