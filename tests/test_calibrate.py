@@ -8,6 +8,8 @@ model's own final hidden states.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -961,11 +963,32 @@ def test_sample_text_of_a_model_with_absolute_positions(gpt2_sampler) -> None:
         assert text == "\n\n".join(" ".join(words[i] for i in r if i not in (0, 9)) for r in rows), seed
 
 
+_H_TEXT = "the king is dead long live the queen " * 4
+
+
+def _down_proj_h_by_hooks(folder: Path) -> tuple[str, np.ndarray]:
+    """(name, H) of layer 1's down_proj input over the first 16 words of `_H_TEXT` in two windows
+    of 8, by this test's own forward pre-hook on the model loaded in float32 (ids from the tiny
+    model's word list, no special tokens)."""
+    from transformers import AutoModelForCausalLM
+
+    words = "[UNK] the king is dead long live queen and to be or not that question".split()
+    ids = torch.tensor([words.index(w) for w in _H_TEXT.split()][:16])
+    name = "model.layers.1.mlp.down_proj.weight"
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    seen: list[torch.Tensor] = []
+    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
+    with torch.no_grad():
+        model(input_ids=ids.reshape(2, 8))
+    x = seen[0].reshape(16, -1).numpy()
+    return name, x.T @ x / 16
+
+
 def test_collect_text_statistics_adds_no_special_tokens(tiny_llama, tmp_path) -> None:
     """A tokenizer that puts BOS before every text (a post-processor, as Llama's do): the statistics
     are of the text's own words, ids by this test's word list, H by this test's hooks."""
     from tokenizers import Tokenizer, processors
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from wcfmt.cluster.calibrate import collect_text_statistics
 
@@ -973,43 +996,24 @@ def test_collect_text_statistics_adds_no_special_tokens(tiny_llama, tmp_path) ->
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     tok.post_processor = processors.TemplateProcessing(single="to $A", special_tokens=[("to", 9)])
     tok.save(str(folder / "tokenizer.json"))
-    text = "the king is dead long live the queen " * 4
-    assert AutoTokenizer.from_pretrained(folder).encode(text)[:2] == [9, 1]  # the BOS the tokenizer would add
-    words = "[UNK] the king is dead long live queen and to be or not that question".split()
-    ids = torch.tensor([words.index(w) for w in text.split()][:16])
-    name = "model.layers.1.mlp.down_proj.weight"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    seen: list[torch.Tensor] = []
-    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
-    with torch.no_grad():
-        model(input_ids=ids.reshape(2, 8))
-    x = seen[0].reshape(16, -1).numpy()
-    s = collect_text_statistics(folder, text, 16, names={name}, window=8)
-    assert s.windows == (2, 8) and np.allclose(s.moments[name], x.T @ x / 16, rtol=1e-5, atol=1e-7)
+    assert AutoTokenizer.from_pretrained(folder).encode(_H_TEXT)[:2] == [9, 1]  # the BOS the tokenizer would add
+    name, want = _down_proj_h_by_hooks(folder)
+    s = collect_text_statistics(folder, _H_TEXT, 16, names={name}, window=8)
+    assert s.windows == (2, 8) and np.allclose(s.moments[name], want, rtol=1e-5, atol=1e-7)
 
 
 def test_collect_text_statistics_of_a_bf16_model_run_in_float32(tmp_path) -> None:
     """Text statistics run the model in float32 whatever the checkpoint's dtype (unlike random
     diagonals): a bf16 checkpoint against this test's hooks on it loaded as float32, both paths."""
     from common import write_tiny_llama
-    from transformers import AutoModelForCausalLM
 
     from wcfmt.cluster.calibrate import collect_text_statistics
 
     folder = write_tiny_llama(tmp_path / "bf16", dtype=torch.bfloat16)
-    text = "the king is dead long live the queen " * 4
-    words = "[UNK] the king is dead long live queen and to be or not that question".split()
-    ids = torch.tensor([words.index(w) for w in text.split()][:16])
-    name = "model.layers.1.mlp.down_proj.weight"
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    seen: list[torch.Tensor] = []
-    model.get_submodule(name[:-7]).register_forward_pre_hook(lambda m, a: seen.append(a[0].double()))
-    with torch.no_grad():
-        model(input_ids=ids.reshape(2, 8))
-    x = seen[0].reshape(16, -1).numpy()
+    name, want = _down_proj_h_by_hooks(folder)
     for path in ("layerwise", "whole-model"):
-        s = collect_text_statistics(folder, text, 16, names={name}, window=8, path=path)
-        assert s.path == path and np.allclose(s.moments[name], x.T @ x / 16, rtol=1e-5, atol=1e-7), path
+        s = collect_text_statistics(folder, _H_TEXT, 16, names={name}, window=8, path=path)
+        assert s.path == path and np.allclose(s.moments[name], want, rtol=1e-5, atol=1e-7), path
 
 
 def test_refit_keeps_a_cell_used_only_in_an_earlier_row_block() -> None:
