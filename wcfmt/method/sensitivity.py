@@ -44,14 +44,17 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "wcfmt"
 
 
-def perplexity(model: Any, ids: torch.Tensor, window: int) -> float:
-    """exp(mean next-token NLL) over consecutive ``window``-token windows of ``ids``."""
+def perplexity(model: Any, ids: torch.Tensor, window: int = 512, batch: int = 4) -> float:
+    """exp(mean next-token NLL) over consecutive ``window``-token windows of ``ids``, ``batch``
+    windows per forward pass. `UsageError` when ``ids`` is shorter than one window."""
     n = len(ids) // window
+    if n == 0:
+        raise UsageError(f"{len(ids)} tokens is less than one window of {window}")
     w = ids[: n * window].reshape(n, window)
     nll, scored = 0.0, 0
     with torch.inference_mode():
-        for i in range(0, n, 4):
-            x = w[i : i + 4]
+        for i in range(0, n, batch):
+            x = w[i : i + batch]
             logits = model(input_ids=x).logits[:, :-1].float()
             nll += torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum"
