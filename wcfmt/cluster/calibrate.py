@@ -79,10 +79,11 @@ _BLOCK = 128
 _WINDOW = 2
 
 
-#: ``calib`` value meaning "sample the calibration text from the model itself", and how:
-#: sequences × tokens, sampled at temperature 1 from the BOS token with this torch seed.
 #: A calibration text is read in windows of this many tokens, this many windows per forward pass.
 TEXT_WINDOW, TEXT_BATCH = 512, 4
+
+#: ``calib`` value meaning "sample the calibration text from the model itself", and how:
+#: sequences × tokens, sampled at temperature 1 from the BOS token with this torch seed.
 SELF_CALIB = "self"
 SELF_SEQUENCES, SELF_TOKENS, SELF_SEED = 8, 560, 0
 

@@ -97,12 +97,10 @@ def _refuse_if_too_big(src: Path, what: str) -> None:
     if have is None or not src.is_dir() or not (src / "config.json").is_file():
         return
     try:
-        if what == RANDOM_CALIB:
-            need = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).least
-        else:
+        cheap = need = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).least
+        if what != RANDOM_CALIB:
             full = calibration_need(src, sequences=TEXT_BATCH, tokens=TEXT_WINDOW, diagonal=False, run_itemsize=4)
             need = full.whole_model if what == SELF_CALIB else full.least
-            cheap = calibration_need(src, sequences=RANDOM_SEQUENCES, tokens=RANDOM_TOKENS).least
     except UsageError:
         return
     if need <= have:
