@@ -65,8 +65,8 @@ def test_the_run_configuration(tmp_path: Path) -> None:
 
 def test_resume_resets_survivors_and_widens_the_selection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--resume: "survived" and "no tests" become "not checked" (None), kills and timeouts stay,
-    an earlier resume.json's kills are folded in, mutmut's stats are deleted so that it maps the
-    tests again, the module's new test files and --tests join the selection, and mutmut runs."""
+    mutmut's stats are deleted so that it maps the tests again, the module's new test files and
+    --tests join the selection, and mutmut runs."""
     tool, work, _ = _prepared(tmp_path, "wcfmt/codecs/bitpack.py")
     meta = work / "mutants" / "wcfmt" / "codecs" / "bitpack.py.meta"
     meta.parent.mkdir(parents=True)
@@ -74,7 +74,6 @@ def test_resume_resets_survivors_and_widens_the_selection(tmp_path: Path, monkey
     codes = {"a__mutmut_1": 0, "a__mutmut_2": 1, "a__mutmut_3": 33, "a__mutmut_4": 36, "a__mutmut_5": 5,
              "a__mutmut_6": 0, "a__mutmut_7": None}
     meta.write_text(json.dumps({"exit_code_by_key": codes, "other": 1}))
-    (work / "resume.json").write_text(json.dumps({"a__mutmut_6": "killed"}))
     (work / "mutants" / "mutmut-stats.json").write_text("{}")
     old = json.loads(json.dumps(tomllib.loads((work / "pyproject.toml").read_text())["tool"]["mutmut"]))
     ran: list[list[str]] = []
@@ -82,9 +81,9 @@ def test_resume_resets_survivors_and_widens_the_selection(tmp_path: Path, monkey
     tool.resume(work, ["tests/test_lossless.py"])
     after = json.loads(meta.read_text())
     assert after["exit_code_by_key"] == {"a__mutmut_1": None, "a__mutmut_2": 1, "a__mutmut_3": None,
-                                         "a__mutmut_4": 36, "a__mutmut_5": None, "a__mutmut_6": 1, "a__mutmut_7": None}
+                                         "a__mutmut_4": 36, "a__mutmut_5": None, "a__mutmut_6": None, "a__mutmut_7": None}
     assert after["other"] == 1
-    assert not (work / "mutants" / "mutmut-stats.json").exists() and not (work / "resume.json").exists()
+    assert not (work / "mutants" / "mutmut-stats.json").exists()
     sel = tomllib.loads((work / "pyproject.toml").read_text())["tool"]["mutmut"]["pytest_add_cli_args_test_selection"]
     assert sel[: len(old["pytest_add_cli_args_test_selection"])] == old["pytest_add_cli_args_test_selection"]
     assert sel[-1] == "tests/test_lossless.py"

@@ -51,7 +51,7 @@ test-to-function stats so that they are recorded again with the new tests, and r
 there: only the reset mutants run, each forked from a process that has imported everything once,
 against the tests that reach its function. (An earlier version ran one pytest process per mutant,
 about 35 s each here; before that, all mutants in one pytest process, where state left by one
-mutant hid the next one's failures. Its DIR/resume.json verdicts, if any, are folded in.)
+mutant hid the next one's failures.)
 
 Limits: mutmut 3 mutates code inside functions and methods only, not module-level constants (a
 constant such as ``ZSTD_OVERHEAD = 1.012`` is not mutated; hand mutations cover those, see
@@ -202,11 +202,14 @@ def prepare(work: Path, mods: list[Path], tests: list[str], multiplier: float, r
 
 
 SURVIVING = ("survived", "no tests")
+SURVIVING_CODES = (0, 5, 33)  # mutmut 3's exit codes of those (mutmut.stats.status_by_exit_code)
+#: one mutant at a time per module (--jobs runs modules side by side)
+MUTMUT_RUN = [sys.executable, "-m", "mutmut", "run", "--max-children", "1"]
 
 
 
 def results(work: Path, env: dict[str, str]) -> dict[str, str]:
-    """mutmut's verdict of every mutant in ``work``, overridden by ``resume.json`` (``--resume``)."""
+    """mutmut's verdict of every mutant in ``work``."""
     res = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work, env=env,
                          capture_output=True, text=True, check=False)
     out = {}
@@ -216,9 +219,6 @@ def results(work: Path, env: dict[str, str]) -> dict[str, str]:
             out[key] = status
     if not out:
         print(res.stdout + res.stderr, file=sys.stderr)
-    again = work / "resume.json"
-    if again.exists():
-        out.update(json.loads(again.read_text()))
     return out
 
 
@@ -287,8 +287,6 @@ def resume(work: Path, tests: list[str] | None) -> None:
     new tests; then ``mutmut run`` runs only the reset mutants, each in a forked process against the
     tests that reach its function, as in the first run. Kills and timeouts of the first run stand."""
     env = env_for(work)
-    again = work / "resume.json"  # written by this tool's first --resume (one pytest per mutant)
-    earlier = json.loads(again.read_text()) if again.exists() else {}
     for f in sorted((ROOT / "tests").glob("*.py")):  # the new test files and helpers
         for d in (work / "tests", work / "mutants" / "tests"):
             if f.name != "conftest.py":  # the run's own (see prepare)
@@ -307,24 +305,19 @@ def resume(work: Path, tests: list[str] | None) -> None:
                 pp.write_text(re.sub(r"^pytest_add_cli_args_test_selection = .*$",
                                      lambda _: f"pytest_add_cli_args_test_selection = {toml_list(sel)}",
                                      pp.read_text(), flags=re.MULTILINE))
-    code = {"survived": None, "no tests": None, "killed": 1, "timeout": 36}
     reset = 0
     for meta in (work / "mutants").rglob("*.py.meta"):
         data = json.loads(meta.read_text())
         by_key = data["exit_code_by_key"]
         for key, ec in by_key.items():
-            status = earlier.get(key) or {0: "survived", 5: "no tests", 33: "no tests"}.get(ec)
-            if status in code:
-                by_key[key] = code[status]
-                reset += status in SURVIVING
+            if ec in SURVIVING_CODES:  # mutmut's exit codes for "survived" and "no tests"
+                by_key[key] = None  # "not checked": mutmut runs it again
+                reset += 1
         meta.write_text(json.dumps(data, indent=4))
-    if again.exists():
-        again.unlink()
     (work / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     print(f"resume {work.name}: {reset} mutants again against {' '.join(_selection(work))}", flush=True)
     with open(work / "mutmut-resume.log", "a") as log:
-        subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=work, env=env,
-                       stdout=log, stderr=subprocess.STDOUT, check=False)
+        subprocess.run(MUTMUT_RUN, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, check=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -372,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             while pending and len(active) < a.jobs:  # --jobs modules at once, one mutant each
                 sub, env = pending.pop(0)
                 with open(sub / "mutmut.log", "w") as log:  # the child keeps its own descriptor
-                    active.append(subprocess.Popen([sys.executable, "-m", "mutmut", "run", "--max-children", "1"],
-                                                   cwd=sub, env=env, stdout=log, stderr=subprocess.STDOUT))
+                    active.append(subprocess.Popen(MUTMUT_RUN, cwd=sub, env=env, stdout=log, stderr=subprocess.STDOUT))
             os.wait()  # whichever ends first frees its slot (not the oldest: a run can fail in seconds)
             active = [p for p in active if p.poll() is None]
         return summarise_all([sub for sub, _ in runs])
