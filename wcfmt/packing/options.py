@@ -137,7 +137,8 @@ class PackOptions(BaseModel):
         "see. 'random' (the default with --bits for a causal-LM folder when transformers is installed): "
         "random tokens, each input column's error weighted by its E[x^2] (seconds); FILE: a text, GPTQ-style "
         "error feedback onto the encoder's grid; 'self': the same on text the model samples itself (minutes); "
-        "'none': no calibration (a file of one of these names: ./NAME)", metavar="FILE|random|self|none")
+        "'none': no calibration (a file of one of these names: ./NAME). A calibration asked for that would "
+        "not fit in the memory available is refused before anything runs", metavar="FILE|random|self|none")
     calib_tokens: int | None = _f(
         "--calib-tokens", "tokens of --calib used (default 4096)", metavar="N")
     chunk_rows: int | None = _f(
